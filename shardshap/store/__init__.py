@@ -1,0 +1,1 @@
+"""Per-step store of In-Run Data Shapley values (Zarr v3)."""

@@ -1,0 +1,276 @@
+"""`Attributor`: runs one optimizer step and returns every sample's In-Run Data Shapley value."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .config import Config
+from .estimators import Frozen, freeze
+from .ghost import Capture, plan
+from .optim import rule_for
+from .optim.adam import AdamRule
+from .optim.base import UnsupportedOptimizer, scalar
+
+SIGN_CONVENTION = ("positive value = the sample reduced that target's loss in the steps it took part in "
+                   "(U(S) = L_target(theta_t) - L_target(theta_after_step(S)))")
+
+
+class AttributionError(RuntimeError):
+    """Bad input or an inconsistency detected during a step; the optimizer has not stepped."""
+
+
+@dataclass
+class StepResult:
+    """The values of one optimizer step (rows follow the order of the batch and its micro-batches)."""
+    scores: torch.Tensor          # [b, K]: this step's value of each sample for each target (target-loss units)
+    sample_ids: torch.Tensor      # [b]
+    loss: torch.Tensor            # the training loss of the step (mean or sum over the batch, per Config.reduction)
+    sample_loss: torch.Tensor     # [b]: each sample's training loss at this step
+    step: int                     # index of this optimizer step (0-based, counted by the Attributor)
+    lr: float                     # learning rate of the first parameter group, as used by this step
+    target_loss: torch.Tensor     # [K]: target losses where the target gradient was taken
+    clip_factor: float            # gradient clip factor of the step (1.0 when not clipped)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> torch.Tensor:
+        """[K]: sum of the step's values, the estimate of U(B) - U(empty)."""
+        return self.scores.sum(0)
+
+
+def _micro_batches(batch, sample_ids):
+    """Normalise (batch, ids) or ([b1, b2, ...], [ids1, ids2, ...]) to two lists of micro-batches."""
+    def is_id_list(x):
+        return torch.is_tensor(x) or (isinstance(x, (list, tuple)) and all(isinstance(v, int) for v in x))
+    if isinstance(sample_ids, (list, tuple)) and sample_ids and not is_id_list(sample_ids):
+        if not isinstance(batch, (list, tuple)) or len(batch) != len(sample_ids):
+            raise AttributionError(
+                f"gradient accumulation: sample_ids is a list of {len(sample_ids)} id lists, so batch must be a "
+                f"list of as many micro-batches (got {type(batch).__name__}"
+                f"{' of length %d' % len(batch) if isinstance(batch, (list, tuple)) else ''})")
+        micro_ids = list(sample_ids)
+        micro = list(batch)
+    else:
+        micro_ids, micro = [sample_ids], [batch]
+    ids = []
+    for j, x in enumerate(micro_ids):
+        t = torch.as_tensor(x)
+        if t.dim() != 1 or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise AttributionError(f"sample_ids of micro-batch {j} must be a 1-D integer tensor or list, got "
+                                   f"dtype {t.dtype} and shape {tuple(t.shape)}")
+        ids.append(t.to(torch.int64))
+    return micro, ids
+
+
+class Attributor:
+    """Values every training sample during training (DESIGN 2): `step()` replaces
+    `zero_grad(); loss.backward(); optimizer.step()` and returns the step's per-sample values.
+
+    train_loss(model, batch) -> Tensor[b] per-sample losses; target_loss(model, targets) -> Tensor[K]
+    (or a 0-d tensor for one target). Training is not changed: parameters and optimizer state after
+    `step()` equal those of the plain step on the same batch.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 train_loss: Callable[[nn.Module, Any], torch.Tensor],
+                 target_loss: Callable[[nn.Module, Any], torch.Tensor],
+                 config: Optional[Config] = None):
+        self.config = config if config is not None else Config()
+        if not isinstance(self.config, Config):
+            raise TypeError(f"config must be a shardshap.Config, got {type(self.config).__name__}")
+        self.model, self.optimizer = model, optimizer
+        self.train_loss, self.target_loss = train_loss, target_loss
+        self.rule = rule_for(optimizer)
+        if self.config.estimator == "adam-lagged" and not isinstance(self.rule, AdamRule):
+            raise UnsupportedOptimizer(
+                f"estimator='adam-lagged' needs torch.optim.Adam or AdamW, not {type(optimizer).__name__}; "
+                "use estimator='secant' (any supported optimizer) or 'sgd'")
+        self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        self.plan = plan(model, self.config.exclude, trainable=set(self._groups))
+        if not self.plan.params:
+            raise AttributionError("no trainable parameter to attribute: every parameter is frozen, outside "
+                                   "the optimizer, or excluded")
+        self.capture = Capture(self.plan)
+        any_f64 = any(p.dtype == torch.float64 for p in model.parameters())
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(
+            self.config.compute_dtype, torch.float64 if any_f64 else torch.float32)
+        self.step_index = 0
+
+    # ------------------------------------------------------------------ public API
+    def step(self, batch, sample_ids, targets) -> StepResult:
+        """One optimizer step over `batch` (or a list of micro-batches: one step, one game)."""
+        t0 = time.perf_counter()
+        micro, ids = _micro_batches(batch, sample_ids)
+        sizes = [len(i) for i in ids]
+        n = sum(sizes)
+        if n == 0:
+            raise AttributionError("the step has no samples (empty sample_ids)")
+        c = 1.0 / n if self.config.reduction == "mean" else 1.0
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        try:
+            losses = []
+            for j, (mb, b) in enumerate(zip(micro, sizes)):
+                with self.capture.recording(b, j):
+                    per_sample = self.train_loss(self.model, mb)
+                    self._check_loss(per_sample, b, j)
+                    if len(micro) == 1 and self.config.reduction == "mean":
+                        per_sample.mean().backward()  # bit-identical to the plain step
+                    else:
+                        (per_sample.sum() * c).backward()
+                losses.append(per_sample.detach())
+            sample_loss = torch.cat(losses)
+            result = self._attribute(targets, sizes, sample_loss, c)
+            opt.step()
+        except BaseException:
+            opt.zero_grad(set_to_none=True)  # nothing half-applied: no step, no leftover gradient
+            raise
+        finally:
+            self.capture.clear()
+        result.sample_ids = torch.cat(ids)
+        result.metadata["seconds"] = time.perf_counter() - t0
+        self.step_index += 1
+        return result
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_index, "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_index = int(state["step"])
+
+    def close(self) -> None:
+        """Remove the hooks from the model."""
+        self.capture.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def excluded(self) -> list[str]:
+        return list(self.plan.excluded)
+
+    # ------------------------------------------------------------------ internals
+    def _check_loss(self, per_sample, b: int, j: int) -> None:
+        if not torch.is_tensor(per_sample):
+            raise AttributionError(f"train_loss must return a Tensor of per-sample losses, got "
+                                   f"{type(per_sample).__name__}")
+        if per_sample.shape != (b,):
+            raise AttributionError(
+                f"train_loss returned shape {tuple(per_sample.shape)} for micro-batch {j}, but its sample_ids "
+                f"has {b} ids: it must return one loss per sample, shape [{b}] (e.g. a loss with "
+                "reduction='none', averaged over each sample's tokens), and sample_ids must match the batch")
+        if not torch.isfinite(per_sample.detach()).all():
+            bad = (~torch.isfinite(per_sample.detach())).nonzero().flatten().tolist()
+            raise AttributionError(f"train_loss is not finite for samples at positions {bad[:10]} of micro-batch "
+                                   f"{j}; the optimizer step was not taken")
+
+    def _attribute(self, targets, sizes, sample_loss, c) -> StepResult:
+        cfg, opt, dtype = self.config, self.optimizer, self.dtype
+        moved = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        clip = 1.0
+        if cfg.max_grad_norm is not None:
+            total = torch.nn.utils.get_total_norm([p.grad for p in moved])
+            clip = float(torch.clamp(cfg.max_grad_norm / (total + 1e-6), max=1.0))
+            torch.nn.utils.clip_grads_with_norm_(moved, cfg.max_grad_norm, total)
+
+        frozen: dict[int, Frozen] = {}
+        for p in moved:
+            frozen[id(p)] = freeze(cfg.estimator, cfg.order, self.rule, p, p.grad, self._groups[id(p)],
+                                   opt.state.get(p, {}), clip, dtype)
+        attributed = list(self.plan.params.values())
+        shift_needed = cfg.order == 2
+        use_hvp = shift_needed and cfg.curvature == "hvp"
+        h, target_loss = self._target_gradients(targets, attributed, moved, frozen, shift_needed, use_hvp)
+
+        K = target_loss.numel()
+        W = {}
+        for p, hp in zip(attributed, h):
+            mult = frozen[id(p)].multiplier if id(p) in frozen else torch.zeros_like(p, dtype=dtype)
+            W[id(p)] = mult.unsqueeze(0) * hp
+        per_param = self.capture.products(W, sizes, dtype)
+        if cfg.check_completeness:
+            self._check_completeness(per_param, W, clip, c)
+        scores = torch.stack(list(per_param.values())).sum(0) if per_param else torch.zeros(sum(sizes), K)
+        group0 = opt.param_groups[0]
+        return StepResult(
+            scores=scores, sample_ids=torch.empty(0, dtype=torch.int64),
+            loss=sample_loss.mean() if cfg.reduction == "mean" else sample_loss.sum(),
+            sample_loss=sample_loss, step=self.step_index, lr=scalar(group0["lr"]),
+            target_loss=target_loss, clip_factor=clip,
+            metadata={"estimator": cfg.estimator, "order": cfg.order, "excluded": self.excluded})
+
+    def _target_gradients(self, targets, attributed, moved, frozen, shift_needed, use_hvp):
+        """[h_p of shape [K, *p.shape] for p in attributed], target losses [K]."""
+        dtype = self.dtype
+        saved = None
+        if shift_needed and not use_hvp:  # evaluate at theta_mid; restore bit-exactly afterwards
+            saved = [p.detach().clone() for p in moved]
+            with torch.no_grad():
+                for p in moved:
+                    p.add_(frozen[id(p)].shift.to(p.dtype))
+        devices = sorted({p.device.index for p in attributed if p.device.type == "cuda"})
+        try:
+            with torch.random.fork_rng(devices=devices):  # the target pass must not shift training's RNG
+                value = self.target_loss(self.model, targets)
+                if not torch.is_tensor(value) or value.dim() > 1 or value.numel() == 0:
+                    raise AttributionError(
+                        "target_loss must return a 0-d tensor (one target) or a 1-d tensor [K] (one loss per "
+                        f"target), got {type(value).__name__}"
+                        f"{' of shape %s' % (tuple(value.shape),) if torch.is_tensor(value) else ''}")
+                value = value.reshape(-1)
+                if not torch.isfinite(value.detach()).all():
+                    raise AttributionError(f"target_loss is not finite ({value.detach().tolist()}); the "
+                                           "optimizer step was not taken")
+                if self.config.target_names is not None and len(self.config.target_names) != value.numel():
+                    raise AttributionError(f"target_loss returned {value.numel()} targets but "
+                                           f"Config.target_names names {len(self.config.target_names)}")
+                K = value.numel()
+                grads = [[] for _ in attributed]
+                for k in range(K):
+                    gk = torch.autograd.grad(value[k], attributed, retain_graph=True, allow_unused=True,
+                                             create_graph=use_hvp)
+                    if use_hvp:
+                        gk = self._add_hvp(gk, value[k], attributed, moved, frozen)
+                    for acc, g, p in zip(grads, gk, attributed):
+                        acc.append(torch.zeros_like(p, dtype=dtype) if g is None else g.detach().to(dtype))
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    for p, s in zip(moved, saved):
+                        p.copy_(s)
+        return [torch.stack(g) for g in grads], value.detach().to(dtype)
+
+    def _add_hvp(self, gk, value_k, attributed, moved, frozen):
+        """h + H (theta_mid - theta_t): the exact second-order Taylor form of the midpoint gradient."""
+        full = torch.autograd.grad(value_k, moved, retain_graph=True, allow_unused=True, create_graph=True)
+        dot = sum((g * frozen[id(p)].shift.to(g.dtype)).sum() for g, p in zip(full, moved) if g is not None)
+        if not torch.is_tensor(dot) or not dot.requires_grad:
+            return gk
+        hv = torch.autograd.grad(dot, attributed, retain_graph=True, allow_unused=True)
+        return [g if v is None else (v if g is None else g + v) for g, v in zip(gk, hv)]
+
+    def _check_completeness(self, per_param, W, clip, c):
+        tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(self.dtype, 5e-2)
+        bad = []
+        for name, p in self.plan.params.items():
+            if p.grad is None:
+                continue
+            ghost = per_param[name].sum(0)
+            expected = (W[id(p)] * (p.grad.to(self.dtype) / clip).unsqueeze(0)).flatten(1).sum(1)
+            scale = per_param[name].abs().sum(0) + expected.abs() + 1e-30
+            rel = ((ghost - expected).abs() / scale).max().item()
+            if rel > tol:
+                bad.append(f"{name} (relative mismatch {rel:.2e})")
+        if bad:
+            raise AttributionError(
+                "per-sample products do not add up to the batch gradient for: " + ", ".join(bad) + ". The "
+                "parameter is probably used outside the module that owns it (a functional call such as "
+                "F.linear(x, module.weight)) or broadcast across the batch. Exclude it with Config(exclude=[...]) "
+                "or route its use through its module; the optimizer step was not taken.")

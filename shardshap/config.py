@@ -1,0 +1,125 @@
+"""`Config`: every knob of an attribution run, typed, documented and validated."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key and what is allowed."""
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"Config.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+@dataclass
+class Config:
+    """Settings of an In-Run Data Shapley run. See docs/method.md for the method behind each knob."""
+
+    estimator: str = field(default="secant", metadata={"help": (
+        "How one optimizer step's Shapley game is reduced to per-sample products: 'secant' (default; the "
+        "secant slope of the real update map, exact for SGD/momentum and accurate for Adam/AdamW), "
+        "'adam-lagged' (paper B's fixed-state form with the previous second moment; Adam/AdamW only), "
+        "'sgd' (paper A's SGD proxy: lr times the target gradient).")})
+    order: int = field(default=2, metadata={"help": (
+        "1: target gradient at the current parameters. 2: account for the curvature of the target loss "
+        "along the step (see `curvature`).")})
+    curvature: str = field(default="midpoint", metadata={"help": (
+        "How order 2 is computed: 'midpoint' (target gradient at the midpoint of the step; one target "
+        "pass, includes higher orders) or 'hvp' (gradient at the current parameters plus an exact "
+        "Hessian-vector product; the exact second-order Taylor game, costs a double backward).")})
+    mode: str = field(default="exact", metadata={"help": (
+        "How per-sample products are computed: 'exact' (ghost products from cached activations and "
+        "output gradients, no per-sample gradients).")})
+    reduction: str = field(default="mean", metadata={"help": (
+        "How the training loss combines per-sample losses: 'mean' (L = sum_i l_i / |B|, the usual) or "
+        "'sum'. |B| counts every sample of every micro-batch of the optimizer step.")})
+    max_grad_norm: Optional[float] = field(default=None, metadata={"help": (
+        "Clip the gradient to this global L2 norm before the optimizer step, exactly like "
+        "torch.nn.utils.clip_grad_norm_. The clip factor is frozen at the full batch's value in the game. "
+        "None: no clipping.")})
+    exclude: list = field(default_factory=list, metadata={"help": (
+        "Parameter or module names (fnmatch patterns, e.g. 'transformer.wpe.*') left out of attribution. "
+        "They are still trained; their contribution to the values is dropped and they are recorded in "
+        "the result metadata.")})
+    target_names: Optional[list] = field(default=None, metadata={"help": (
+        "Names of the K targets, in the order of the target loss vector. Default: target0, target1, ...")})
+    num_samples: Optional[int] = field(default=None, metadata={"help": (
+        "Size of the training set (sample ids are in [0, num_samples)). Required when writing a store.")})
+    compute_dtype: str = field(default="auto", metadata={"help": (
+        "Precision of the attribution math: 'auto' (float64 for float64 models, else float32), "
+        "'float32' or 'float64'. Never lower than float32, whatever the model dtype.")})
+    check_completeness: bool = field(default=True, metadata={"help": (
+        "Every step, check that the per-sample products of each parameter sum to the product of its "
+        "batch gradient. A mismatch means a parameter is used outside the module that owns it (e.g. a "
+        "functional call) or broadcast across the batch, and raises instead of returning wrong values.")})
+
+    def __post_init__(self) -> None:
+        _choice("estimator", self.estimator, ("secant", "adam-lagged", "sgd"))
+        _choice("order", self.order, (1, 2))
+        _choice("curvature", self.curvature, ("midpoint", "hvp"))
+        _choice("mode", self.mode, ("exact",))
+        _choice("reduction", self.reduction, ("mean", "sum"))
+        _choice("compute_dtype", self.compute_dtype, ("auto", "float32", "float64"))
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
+                                                   and self.max_grad_norm > 0):
+            raise ConfigError(f"Config.max_grad_norm={self.max_grad_norm!r} must be a positive number or None")
+        if isinstance(self.exclude, str) or not all(isinstance(x, str) for x in self.exclude):
+            raise ConfigError(f"Config.exclude={self.exclude!r} must be a list of name patterns (strings)")
+        self.exclude = list(self.exclude)
+        if self.target_names is not None:
+            if isinstance(self.target_names, str) or not all(isinstance(x, str) for x in self.target_names):
+                raise ConfigError(f"Config.target_names={self.target_names!r} must be a list of strings")
+            if len(set(self.target_names)) != len(self.target_names):
+                raise ConfigError(f"Config.target_names={self.target_names!r} has duplicates; names must be unique")
+            self.target_names = list(self.target_names)
+        if self.num_samples is not None and not (isinstance(self.num_samples, int) and self.num_samples > 0):
+            raise ConfigError(f"Config.num_samples={self.num_samples!r} must be a positive integer or None")
+        if not isinstance(self.check_completeness, bool):
+            raise ConfigError(f"Config.check_completeness={self.check_completeness!r} must be true or false")
+
+    @classmethod
+    def fields_help(cls) -> dict[str, str]:
+        """The docstring of every field, by name."""
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        """Build from a mapping; unknown keys are an error naming the key (and the closest valid one)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a shardshap config must be a mapping of keys to values, got {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path, section: Optional[str] = None) -> "Config":
+        """Load from a YAML or JSON file; `section` picks a sub-mapping (e.g. 'shardshap')."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text) or {}
+        if section is not None:
+            if not isinstance(data, dict) or section not in data:
+                raise ConfigError(f"{path}: no section {section!r}")
+            data = data[section]
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,6 @@
+"""Ghost (per-sample) products <grad l_i, W> without per-sample gradients, one rule per module kind."""
+from . import conv, embedding, linear, norms  # noqa: F401  (register the built-in rules)
+from .capture import AttributedModule, Capture, Plan, UnsupportedModule, plan
+from .registry import Rule, register, rule_for
+
+__all__ = ["AttributedModule", "Capture", "Plan", "Rule", "UnsupportedModule", "plan", "register", "rule_for"]

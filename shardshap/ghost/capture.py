@@ -1,0 +1,182 @@
+"""Which modules are attributed (`plan`), and the hooks that cache their inputs and output gradients."""
+from __future__ import annotations
+
+import fnmatch
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .registry import Rule, rule_for
+
+
+class UnsupportedModule(TypeError):
+    """A trainable parameter has no per-sample product rule and was not excluded."""
+
+
+@dataclass
+class AttributedModule:
+    name: str
+    module: nn.Module
+    rule: Rule
+    params: dict[str, nn.Parameter]  # the module's own attributed parameters, by local name
+
+
+@dataclass
+class Plan:
+    modules: list[AttributedModule]
+    params: dict[str, nn.Parameter]      # canonical name -> attributed parameter (tied weights once)
+    excluded: list[str] = field(default_factory=list)
+
+
+def plan(model: nn.Module, exclude: list[str], trainable: Optional[set[int]] = None) -> Plan:
+    """Match every trainable parameter to the rule of the module that owns it, or fail listing the rest.
+
+    `trainable`: ids of the parameters the optimizer updates (others do not move and carry no value).
+    """
+    aliases: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(pname)
+    canonical = {id(p): pname for pname, p in model.named_parameters()}
+
+    def excluded(pid: int, owners: list[str]) -> bool:
+        names = aliases.get(pid, []) + owners
+        return any(fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n, pat + ".*") for n in names
+                   for pat in exclude)
+
+    owners: dict[int, list[str]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for local, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(mname)
+
+    def attributable(p) -> bool:
+        return p.requires_grad and (trainable is None or id(p) in trainable)
+
+    modules, covered, excluded_names = [], set(), set()
+    for mname, m in model.named_modules():
+        rule = rule_for(m)
+        own = dict(m.named_parameters(recurse=False))
+        if rule is None or not own:
+            continue
+        chosen = {}
+        for local, p in own.items():
+            if local not in rule.param_names or not attributable(p):
+                continue
+            if excluded(id(p), owners[id(p)]):
+                excluded_names.add(canonical[id(p)])
+                continue
+            chosen[local] = p
+            covered.add(id(p))
+        if chosen:
+            rule.validate(m, mname or type(m).__name__)
+            modules.append(AttributedModule(mname, m, rule, chosen))
+
+    missing = []
+    for pname, p in model.named_parameters():
+        if not attributable(p) or id(p) in covered:
+            continue
+        if excluded(id(p), owners.get(id(p), [])):
+            excluded_names.add(pname)
+            continue
+        owner = model.get_submodule(pname.rpartition(".")[0]) if "." in pname else model
+        missing.append(f"{pname} (in {type(owner).__name__})")
+    if missing:
+        raise UnsupportedModule(
+            "no per-sample product rule covers these trainable parameters: " + ", ".join(missing)
+            + ". Exclude them with Config(exclude=[...]) (they are still trained; their share of the values is "
+            "dropped and recorded), or register a rule with @shardshap.ghost.register(YourModule).")
+    params = {canonical[id(p)]: p for am in modules for p in am.params.values()}
+    return Plan(modules=modules, params=params, excluded=sorted(excluded_names))
+
+
+@dataclass
+class _Call:
+    micro: int
+    a: torch.Tensor
+    e: Optional[torch.Tensor] = None
+
+
+class Capture:
+    """Forward hooks cache each attributed module's input; a tensor hook on its output caches the
+    gradient there. Active only inside `recording()` (training forward/backward), never during
+    target passes."""
+
+    def __init__(self, plan_: Plan):
+        self.plan = plan_
+        self.calls: dict[str, list[_Call]] = {am.name: [] for am in plan_.modules}
+        self._batch_size: Optional[int] = None
+        self._micro = 0
+        self._handles = []
+        for am in plan_.modules:
+            self._handles.append(am.module.register_forward_pre_hook(self._pre_hook(am)))
+            self._handles.append(am.module.register_forward_hook(self._hook(am)))
+
+    def _pre_hook(self, am: AttributedModule):
+        def hook(module, args):
+            if self._batch_size is None:
+                return None
+            return am.rule.prepare_input(module, args, self._batch_size)
+        return hook
+
+    def _hook(self, am: AttributedModule):
+        def hook(module, args, output):
+            if self._batch_size is None:
+                return
+            a = args[0]
+            if a.dim() == 0 or a.shape[0] != self._batch_size:
+                raise UnsupportedModule(
+                    f"module {am.name!r} ({type(module).__name__}) was called with an input of shape "
+                    f"{tuple(a.shape)} but the micro-batch has {self._batch_size} samples: per-sample products "
+                    "need the batch as the first dimension of every attributed module's input. Exclude it with "
+                    "Config(exclude=[...]) if it is shared across the batch.")
+            call = _Call(self._micro, a.detach())
+            self.calls[am.name].append(call)
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(lambda g, call=call: setattr(call, "e", g.detach()))
+        return hook
+
+    @contextmanager
+    def recording(self, batch_size: int, micro: int):
+        self._batch_size, self._micro = batch_size, micro
+        try:
+            yield
+        finally:
+            self._batch_size = None
+
+    def clear(self) -> None:
+        for calls in self.calls.values():
+            calls.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def products(self, W: dict[int, torch.Tensor], batch_sizes: list[int], dtype: torch.dtype
+                 ) -> dict[str, torch.Tensor]:
+        """Per attributed parameter (canonical name): Tensor[sum(batch_sizes), K] of <c g_i, W_k>.
+
+        `W` maps id(param) to [K, *param.shape]; `c g_i` is sample i's contribution to the batch
+        gradient (the captured output gradients carry the loss reduction's factor).
+        """
+        offsets = [0]
+        for b in batch_sizes:
+            offsets.append(offsets[-1] + b)
+        names = {id(p): n for n, p in self.plan.params.items()}
+        K = next(iter(W.values())).shape[0]
+        device = next(iter(W.values())).device
+        out = {n: torch.zeros(offsets[-1], K, dtype=dtype, device=device) for n in self.plan.params}
+        for am in self.plan.modules:
+            Wm = {local: W[id(p)] for local, p in am.params.items()}
+            for call in self.calls[am.name]:
+                if call.e is None:
+                    continue
+                a = call.a if not call.a.is_floating_point() else call.a.to(dtype)
+                res = am.rule.products(am.module, a, call.e.to(dtype), Wm)
+                lo, hi = offsets[call.micro], offsets[call.micro + 1]
+                for local, val in res.items():
+                    out[names[id(am.params[local])]][lo:hi] += val
+        return out

@@ -1,0 +1,48 @@
+"""nn.Conv1d / nn.Conv2d: unfold the input into patches, then products as for a Linear, per group."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import Rule, bias_products, register
+
+
+@register(nn.Conv1d, nn.Conv2d)
+class ConvRule(Rule):
+    def validate(self, module, name):
+        if module.padding_mode != "zeros":
+            raise NotImplementedError(f"{name}: Conv padding_mode={module.padding_mode!r} is not supported "
+                                      "(only 'zeros')")
+
+    def products(self, module, a, e, W):
+        one_d = isinstance(module, nn.Conv1d)
+        if one_d:  # treat as a 2-D convolution of height 1
+            a, e = a.unsqueeze(2), e.unsqueeze(2)
+        kernel, stride, dilation = (tuple(getattr(module, n)) for n in ("kernel_size", "stride", "dilation"))
+        if one_d:
+            kernel, stride, dilation = (1,) + kernel, (1,) + stride, (1,) + dilation
+        if module.padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif module.padding == "same":  # torch pads d*(k-1) in total, the extra one on the right
+            tot = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            pads = (tot[1] // 2, tot[1] - tot[1] // 2, tot[0] // 2, tot[0] - tot[0] // 2)
+        else:
+            p = tuple(module.padding)
+            p = (0,) + p if one_d else p
+            pads = (p[1], p[1], p[0], p[0])
+        a = F.pad(a, pads)
+        b, G = a.shape[0], module.groups
+        cols = F.unfold(a, kernel, dilation=dilation, stride=stride)  # [b, Cin*kh*kw, L]
+        cols = cols.view(b, G, -1, cols.shape[-1])                    # [b, G, Cin/G*kh*kw, L]
+        e3 = e.reshape(b, e.shape[1], -1)                              # [b, Cout, L]
+        out = {}
+        if "weight" in W:
+            Ww = W["weight"]
+            K = Ww.shape[0]
+            Wg = Ww.reshape(K, G, Ww.shape[1] // G, -1)                # [K, G, Cout/G, Cin/G*kh*kw]
+            proj = torch.einsum("bgol,kgoi->bkgil", e3.view(b, G, -1, e3.shape[-1]), Wg)
+            out["weight"] = torch.einsum("bkgil,bgil->bk", proj, cols)
+        if "bias" in W:
+            out["bias"] = bias_products(e3.transpose(1, 2), W["bias"])
+        return out

@@ -1,0 +1,36 @@
+"""nn.Embedding: <grad_E l_i, W> = sum_t W[idx_t] . e_t, a gather (tied heads add their own use)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .registry import Rule, register
+
+
+@register(nn.Embedding)
+class EmbeddingRule(Rule):
+    param_names = ("weight",)
+
+    def validate(self, module, name):
+        if module.max_norm is not None:
+            raise NotImplementedError(f"{name}: Embedding(max_norm=...) renormalises its weight in the "
+                                      "forward; per-sample products do not support it")
+
+    def prepare_input(self, module, args, batch_size):
+        # HF GPT-2 looks up positions with indices [1, T]: the gradient reaching the module would then be
+        # summed over the batch and the samples mixed (a 10% error, measured). Same values, per sample.
+        idx = args[0]
+        if batch_size > 1 and idx.dim() >= 1 and idx.shape[0] == 1:
+            return (idx.expand(batch_size, *idx.shape[1:]),) + tuple(args[1:])
+        return None
+
+    def products(self, module, a, e, W):
+        if "weight" not in W:
+            return {}
+        b = a.shape[0]
+        idx = a.reshape(b, -1)
+        e = e.reshape(b, idx.shape[1], -1)
+        if module.padding_idx is not None:  # the padding row never receives gradient
+            e = e * (idx != module.padding_idx).unsqueeze(-1).to(e.dtype)
+        rows = W["weight"][:, idx]  # [K, b, T, d]
+        return {"weight": torch.einsum("kbtd,btd->bk", rows, e)}

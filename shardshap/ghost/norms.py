@@ -1,0 +1,63 @@
+"""LayerNorm and RMSNorm (torch and HF Llama/Qwen-style): grad_gamma = sum_t e_t * xhat_t."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import Rule, bias_products, register
+
+
+def _affine_products(xhat, e, W, nfeat):
+    b = e.shape[0]
+    e3 = e.reshape(b, -1, nfeat)
+    out = {}
+    if "weight" in W:
+        gw = (e3 * xhat.reshape(b, -1, nfeat)).sum(1)  # [b, P]: the per-sample gradient of gamma
+        out["weight"] = gw @ W["weight"].reshape(W["weight"].shape[0], -1).T
+    if "bias" in W:
+        out["bias"] = bias_products(e3, W["bias"])
+    return out
+
+
+@register(nn.LayerNorm)
+class LayerNormRule(Rule):
+    def products(self, module, a, e, W):
+        shape = tuple(module.normalized_shape)
+        xhat = F.layer_norm(a, shape, eps=module.eps)
+        return _affine_products(xhat, e, W, int(torch.Size(shape).numel()))
+
+
+def rms_normalize(a: torch.Tensor, ndim: int, eps: float) -> torch.Tensor:
+    dims = tuple(range(a.dim() - ndim, a.dim()))
+    return a * torch.rsqrt(a.pow(2).mean(dims, keepdim=True) + eps)
+
+
+@register(nn.RMSNorm)
+class RMSNormRule(Rule):
+    param_names = ("weight",)
+
+    def products(self, module, a, e, W):
+        shape = tuple(module.normalized_shape)
+        eps = module.eps if module.eps is not None else torch.finfo(a.dtype).eps
+        return _affine_products(rms_normalize(a, len(shape), eps), e, W, int(torch.Size(shape).numel()))
+
+
+def _is_hf_rmsnorm(module) -> bool:
+    # LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm, ...: weight * x * rsqrt(mean(x^2) + eps) over the last
+    # dim (Gemma's (1 + weight) form has the same gradient with respect to weight).
+    own = dict(module.named_parameters(recurse=False))
+    return (type(module).__name__.endswith("RMSNorm") and set(own) == {"weight"}
+            and (hasattr(module, "variance_epsilon") or hasattr(module, "eps")))
+
+
+@register(match=_is_hf_rmsnorm)
+class HFRMSNormRule(Rule):
+    param_names = ("weight",)
+
+    def products(self, module, a, e, W):
+        eps = getattr(module, "variance_epsilon", None)
+        eps = getattr(module, "eps") if eps is None else eps
+        # HF normalises in float32 whatever the model dtype; mirror it so products stay exact
+        xhat = rms_normalize(a.float(), 1, float(eps)).to(a.dtype)
+        return _affine_products(xhat, e, W, module.weight.numel())

@@ -1,0 +1,65 @@
+"""Per-module product rules behind a registry (one small file per module kind, like Opacus).
+
+A rule computes, for every sample i of a batch and every target k, the exact product
+<grad_theta l_i, W_k> restricted to the module's own parameters, from what one ordinary backward
+already produces: the module's input `a` and the gradient `e` of the loss at its output.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+class Rule:
+    """Base class of a product rule. Subclasses set `param_names` and implement `products`."""
+
+    param_names: tuple[str, ...] = ("weight", "bias")
+
+    def validate(self, module: nn.Module, name: str) -> None:
+        """Raise for module options the rule does not support (checked once, before training)."""
+
+    def prepare_input(self, module: nn.Module, args: tuple, batch_size: int) -> Optional[tuple]:
+        """Forward pre-hook during training forwards; may return replacement args (same values)."""
+        return None
+
+    def products(self, module: nn.Module, a: torch.Tensor, e: torch.Tensor,
+                 W: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{param name: Tensor[b, K]} = <per-sample gradient of that parameter, W[name][k]>.
+
+        `a` is the module input, `e` the gradient at its output, both with the batch first and cast to
+        the compute dtype; W[name] has shape [K, *param.shape]; only the names in W are computed.
+        """
+        raise NotImplementedError
+
+
+_BY_TYPE: dict[type, Rule] = {}
+_BY_MATCH: list[tuple[Callable[[nn.Module], bool], Rule]] = []
+
+
+def register(*module_types: type, match: Optional[Callable[[nn.Module], bool]] = None):
+    """Class decorator: register a rule for module types (subclasses included) and/or a predicate."""
+    def deco(rule_cls):
+        rule = rule_cls()
+        for t in module_types:
+            _BY_TYPE[t] = rule
+        if match is not None:
+            _BY_MATCH.append((match, rule))
+        return rule_cls
+    return deco
+
+
+def rule_for(module: nn.Module) -> Optional[Rule]:
+    for cls in type(module).__mro__:
+        if cls in _BY_TYPE:
+            return _BY_TYPE[cls]
+    for match, rule in _BY_MATCH:
+        if match(module):
+            return rule
+    return None
+
+
+def bias_products(e_tokens: torch.Tensor, Wb: torch.Tensor) -> torch.Tensor:
+    """sum_t e_{i,t} . W_b,k for e [b, T, d] and W_b [K, d]."""
+    return e_tokens.sum(1) @ Wb.reshape(Wb.shape[0], -1).T

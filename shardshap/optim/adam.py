@@ -1,0 +1,69 @@
+"""torch.optim.Adam / AdamW: bias correction, eps, L2 or decoupled weight decay, amsgrad, maximize."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import OptimizerRule, StepMap, UnsupportedOptimizer, scalar
+
+
+class AdamRule(OptimizerRule):
+    name = "Adam/AdamW"
+
+    def __init__(self, decoupled_default: bool):
+        self.decoupled_default = decoupled_default  # AdamW decays decoupled; Adam unless it says otherwise
+
+    def check(self, optimizer) -> None:
+        for group in optimizer.param_groups:
+            if group.get("differentiable", False):
+                raise UnsupportedOptimizer("Adam(differentiable=True) is not supported; create it without it")
+
+    def _hyper(self, param, group, state):
+        b1, b2 = (scalar(b) for b in group["betas"])
+        t = (scalar(state["step"]) if "step" in state else 0.0) + 1.0  # the step about to be taken
+        decoupled = group.get("decoupled_weight_decay", False) or self.decoupled_default
+        return scalar(group["lr"]), b1, b2, scalar(group["eps"]), scalar(group["weight_decay"]), t, decoupled
+
+    def step_map(self, param, grad, group, state, dtype) -> StepMap:
+        lr, b1, b2, eps, wd, t, decoupled = self._hyper(param, group, state)
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        theta = param.detach().to(dtype)
+        g = grad.detach().to(dtype)
+        m = state["exp_avg"].detach().to(dtype) if "exp_avg" in state else torch.zeros_like(theta)
+        v = state["exp_avg_sq"].detach().to(dtype) if "exp_avg_sq" in state else torch.zeros_like(theta)
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        u0 = torch.zeros_like(theta) if (decoupled or wd == 0) else wd * theta  # optimizer input at G = 0
+        u1 = u0 + sign * g
+        decay = -lr * wd * theta if decoupled else torch.zeros_like(theta)
+
+        mhat0 = (b1 * m + (1 - b1) * u0) / bc1
+        v0 = b2 * v + (1 - b2) * u0 * u0
+        v1 = b2 * v + (1 - b2) * u1 * u1
+        if group.get("amsgrad", False):
+            vmax = state["max_exp_avg_sq"].detach().to(dtype) if "max_exp_avg_sq" in state else torch.zeros_like(theta)
+            v0, v1 = torch.maximum(vmax, v0), torch.maximum(vmax, v1)
+        r0, r1 = (v0 / bc2).sqrt(), (v1 / bc2).sqrt()
+        a0, a1 = r0 + eps, r1 + eps
+        d0 = decay - lr * mhat0 / a0
+        if group.get("amsgrad", False):
+            # max() breaks the closed form below: difference quotient, derivative where G == 0
+            d1 = decay - lr * (b1 * m + (1 - b1) * u1) / bc1 / a1
+            safe = torch.where(g != 0, g, torch.ones_like(g))
+            slope = torch.where(g != 0, (d1 - d0) / safe, -lr * sign * (1 - b1) / (bc1 * a0))
+            return StepMap(d0=d0, slope=slope)
+        # Closed-form secant of u -> -lr * mhat(u) / (sqrt(vhat(u)) + eps) between u0 and u1, written so
+        # that nothing cancels when G is small (the naive (D(G) - D(0)) / G loses all digits there).
+        rsum = r0 + r1
+        curve = torch.where(rsum > 0, mhat0 * (1 - b2) * (u0 + u1) / (bc2 * torch.where(rsum > 0, rsum, 1.0) * a0 * a1),
+                            torch.zeros_like(theta))
+        slope = -lr * sign * ((1 - b1) / (bc1 * a1) - curve)
+        return StepMap(d0=d0, slope=slope)
+
+    def lagged_scale(self, param, group, state, dtype) -> torch.Tensor:
+        lr, b1, b2, eps, wd, t, decoupled = self._hyper(param, group, state)
+        theta = param.detach().to(dtype)
+        v = state["exp_avg_sq"].detach().to(dtype) if "exp_avg_sq" in state else torch.zeros_like(theta)
+        vhat_prev = v / (1 - b2 ** (t - 1)) if t > 1 else v  # v_0 = 0: the form is singular at step 1
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        return sign * lr * (1 - b1) / (1 - b1 ** t) / (vhat_prev.sqrt() + eps)

@@ -1,0 +1,53 @@
+"""The coordinate-wise update map D(.) of one optimizer step, frozen at the current optimizer state.
+
+For a parameter with batch gradient G (the gradient the optimizer receives), a coordinate-wise
+optimizer moves it by D(G). Along the path alpha*G, the secant slope s = (D(G) - D(0)) / G turns the
+step into D(alpha G) ~ D(0) + s * alpha * G, which is what every estimator builds on (DESIGN 2.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepMap:
+    """One parameter's step: `d0` = D(0), `slope` = secant slope, so that D(G) = d0 + slope * G."""
+    d0: torch.Tensor
+    slope: torch.Tensor
+
+    def displacement(self, grad: torch.Tensor) -> torch.Tensor:
+        """D(G): the real update of the optimizer for gradient `grad`."""
+        return self.d0 + self.slope * grad
+
+    def midpoint(self, grad: torch.Tensor) -> torch.Tensor:
+        """(D(0) + D(G)) / 2: the shift from theta_t to the midpoint of the step."""
+        return self.d0 + 0.5 * self.slope * grad
+
+
+class UnsupportedOptimizer(TypeError):
+    """The optimizer (or one of its options) has no update rule in shardshap."""
+
+
+def scalar(x) -> float:
+    """Hyperparameters may be Python numbers or 0-d tensors (e.g. a tensor lr)."""
+    return float(x.item()) if torch.is_tensor(x) else float(x)
+
+
+class OptimizerRule:
+    """Reads one optimizer family's hyperparameters and state; computes D(.) without mutating anything."""
+
+    name = "optimizer"
+
+    def check(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise UnsupportedOptimizer for options the rule does not model."""
+
+    def step_map(self, param, grad, group, state, dtype) -> StepMap:
+        raise NotImplementedError
+
+    def lagged_scale(self, param, group, state, dtype) -> torch.Tensor:
+        """Paper B's per-coordinate step scale lr*(1-b1)/bc1/(sqrt(vhat_{t-1})+eps) (Adam family only)."""
+        raise UnsupportedOptimizer(
+            f"estimator='adam-lagged' needs an Adam-family optimizer, not {self.name}; "
+            "use estimator='secant' (works for every supported optimizer) or 'sgd'")

@@ -115,7 +115,7 @@ def shapley(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         out = np.zeros(K)
         for k in range(K):
             first = sum((g * d).sum() for g, d in zip(h[k], delta) if g is not None)
-            u = -float(first)
+            u = -float(first.detach())
             if utility == "taylor2":
                 hv = torch.autograd.grad(first, params, retain_graph=True, allow_unused=True)
                 u -= 0.5 * float(sum((v * d).sum() for v, d in zip(hv, delta) if v is not None))

@@ -1,0 +1,100 @@
+"""open_scores: read a score store (totals, the labelled step log, attributes)."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+import numpy as np
+import xarray as xr
+
+from . import schema
+from .schema import COMMITTED, Layout
+
+
+class ScoreStore:
+    """Read-only view of a store written by ScoreWriter (any number of ranks)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.group = schema.read_group(self.path, mode="r")
+        self.attrs: dict = self.group.attrs.asdict()
+        self.layout = Layout.from_attrs(self.attrs)
+        self.targets: list[str] = list(self.attrs["targets"])
+        for name in schema.SLOT_ARRAYS + schema.STEP_ARRAYS + schema.RANK_ARRAYS + schema.TOTAL_ARRAYS:
+            schema.open_array(self.group, name)
+
+    @property
+    def committed_steps(self) -> np.ndarray:
+        """Per rank, the last step durably on disk (-1: none); later steps never count."""
+        return schema.open_array(self.group, COMMITTED)[:]
+
+    @property
+    def num_steps(self) -> int:
+        """Steps in the log: one past the last committed step of any rank."""
+        return int(self.committed_steps.max()) + 1
+
+    @property
+    def totals_current(self) -> bool:
+        t = self.attrs.get("totals")
+        return bool(t) and list(t.get("committed_step", [])) == self.committed_steps.tolist()
+
+    def _check_totals(self):
+        if not self.totals_current:
+            raise schema.StaleTotalsError(
+                f"the totals of {self.path!r} do not match its log (the writer was not closed, or "
+                "the log changed since). Rebuild them with shardshap.store.reduce_store(path) or "
+                "open_scores(path).reduce()."
+            )
+
+    @cached_property
+    def value(self) -> np.ndarray:
+        """[num_samples, K] float64: each sample's scores summed over the steps it took part in."""
+        self._check_totals()
+        return self.group["value"][:]
+
+    @cached_property
+    def count(self) -> np.ndarray:
+        """[num_samples] int64: number of steps each sample took part in."""
+        self._check_totals()
+        return self.group["count"][:]
+
+    @cached_property
+    def step_log(self) -> xr.Dataset:
+        """Lazy (dask) Dataset of the log with dims (step, slot, target), cut to the committed steps.
+
+        Slots of a rank beyond its committed step (left by a killed writer) are masked as missing.
+        """
+        ds = xr.open_zarr(self.path, consolidated=False)
+        names = list(schema.SLOT_ARRAYS + schema.STEP_ARRAYS)
+        ds = ds[names].isel(step=slice(0, max(self.num_steps, 0)))
+        L = self.layout
+        rank = np.arange(L.num_slots) // L.slots_per_rank
+        ds = ds.assign_coords(step=np.arange(ds.sizes["step"]), rank=("slot", rank))
+        committed = self.committed_steps
+        if ds.sizes["step"] and committed.min() < committed.max():
+            ok = xr.DataArray(ds["step"].values[:, None] <= committed[rank][None, :],
+                              dims=("step", "slot"))
+            for n in schema.SLOT_ARRAYS:
+                ds[n] = ds[n].where(ok, schema.FILL[n])
+        return ds
+
+    def reduce(self, processes: int | None = None, **kw) -> dict:
+        """Rebuild value/count from the log (see reduce_store) and refresh this view."""
+        from .reduce import reduce_store
+
+        out = reduce_store(self.path, processes, **kw)
+        self.__init__(self.path)
+        for name in ("value", "count"):
+            self.__dict__.pop(name, None)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"ScoreStore({self.path!r}, run_id={self.attrs.get('run_id')!r}, "
+                f"samples={self.layout.num_samples}, targets={self.targets}, steps={self.num_steps}, "
+                f"ranks={self.layout.world_size})")
+
+
+def open_scores(path) -> ScoreStore:
+    """Open a score store for reading; raises StoreFormatError if it is not a valid store."""
+    return ScoreStore(path)

@@ -47,7 +47,8 @@ def _micro_batches(batch, sample_ids):
     def is_id_list(x):
         return torch.is_tensor(x) or (isinstance(x, (list, tuple)) and all(isinstance(v, int) for v in x))
     if isinstance(sample_ids, (list, tuple)) and sample_ids and not is_id_list(sample_ids):
-        if not isinstance(batch, (list, tuple)) or len(batch) != len(sample_ids):
+        # a tuple is one batch (e.g. (inputs, labels)); micro-batches come as a list
+        if not isinstance(batch, list) or len(batch) != len(sample_ids):
             raise AttributionError(
                 f"gradient accumulation: sample_ids is a list of {len(sample_ids)} id lists, so batch must be a "
                 f"list of as many micro-batches (got {type(batch).__name__}"

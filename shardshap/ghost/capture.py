@@ -16,6 +16,10 @@ class UnsupportedModule(TypeError):
     """A trainable parameter has no per-sample product rule and was not excluded."""
 
 
+class BatchShapeError(ValueError):
+    """An attributed module saw a leading dimension other than the micro-batch's number of samples."""
+
+
 @dataclass
 class AttributedModule:
     name: str
@@ -126,11 +130,12 @@ class Capture:
                 return
             a = args[0]
             if a.dim() == 0 or a.shape[0] != self._batch_size:
-                raise UnsupportedModule(
+                raise BatchShapeError(
                     f"module {am.name!r} ({type(module).__name__}) was called with an input of shape "
-                    f"{tuple(a.shape)} but the micro-batch has {self._batch_size} samples: per-sample products "
-                    "need the batch as the first dimension of every attributed module's input. Exclude it with "
-                    "Config(exclude=[...]) if it is shared across the batch.")
+                    f"{tuple(a.shape)} but sample_ids gives this micro-batch {self._batch_size} samples. Either "
+                    "sample_ids does not match the batch (one id per sample, in batch order), or the module does "
+                    "not take the batch as the first dimension of its input (exclude it with "
+                    "Config(exclude=[...]) if it is shared across the batch).")
             call = _Call(self._micro, a.detach())
             self.calls[am.name].append(call)
             if isinstance(output, torch.Tensor) and output.requires_grad:

@@ -1,0 +1,86 @@
+"""Attribution never changes training: after attr.step, parameters and optimizer state equal those of the
+plain step on the same batch, for every estimator and order, with gradient accumulation, clipping and
+dropout (the target pass must not consume training's random numbers)."""
+import copy
+
+import pytest
+import torch
+
+import cases
+import shardshap
+
+
+def plain_step(model, opt, train_loss, micro, clip):
+    opt.zero_grad()
+    if len(micro) == 1:
+        train_loss(model, micro[0]).mean().backward()
+    else:
+        n = sum(mb[0].shape[0] for mb in micro)
+        for mb in micro:
+            (train_loss(model, mb).sum() / n).backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+
+
+def split(batch, ids, parts):
+    if parts == 1:
+        return batch, ids, [batch]
+    xs = [tuple(t.chunk(parts)[j] for t in batch) for j in range(parts)]  # a list: micro-batches
+    return xs, list(ids.chunk(parts)), xs
+
+
+def assert_same(m1, o1, m2, o2):
+    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(p, q), f"parameter {n} differs by {(p - q).abs().max().item():.3e}"
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        s1, s2 = o1.state.get(p, {}), o2.state.get(q, {})
+        assert s1.keys() == s2.keys()
+        for k in s1:
+            assert torch.equal(torch.as_tensor(s1[k]), torch.as_tensor(s2[k])), f"optimizer state {k} differs"
+
+
+VARIANTS = [dict(estimator=e, order=o) for e in ("secant", "adam-lagged", "sgd") for o in (1, 2)] + [
+    dict(estimator="secant", order=2, curvature="hvp")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(str(x) for x in v.values()))
+@pytest.mark.parametrize("parts", [1, 2])
+def test_mlp_adamw_clip(variant, parts):
+    case = cases.digits_mlp(batch_size=8, dtype=torch.float32)
+    opt = torch.optim.AdamW(case.model.parameters(), lr=1e-2, weight_decay=0.1, amsgrad=parts == 2)
+    ref_model, ref_opt = copy.deepcopy((case.model, opt))
+    attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
+                                shardshap.Config(max_grad_norm=0.5, **variant))
+    for s in range(3):
+        b, ids = case.batches(s)
+        mb, mids, micro = split(b, ids, parts)
+        out = attr.step(mb, mids, None)
+        assert out.scores.shape == (8, 2) and torch.equal(out.sample_ids, ids)
+        plain_step(ref_model, ref_opt, case.train_loss, micro, 0.5)
+    assert_same(case.model, opt, ref_model, ref_opt)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd-nesterov", "adam-l2"])
+def test_gpt2_with_dropout(optimizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    case = cases.tiny_gpt2(batch_size=4, dtype=torch.float32)
+    cfg = GPT2Config(vocab_size=48, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.1,
+                     embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    case.model = GPT2LMHeadModel(cfg).train()
+    if optimizer == "sgd-nesterov":
+        opt = torch.optim.SGD(case.model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    else:
+        opt = torch.optim.Adam(case.model.parameters(), lr=1e-3, weight_decay=1e-2)
+    ref_model, ref_opt = copy.deepcopy((case.model, opt))
+    attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss)
+    torch.manual_seed(123)
+    for s in range(3):
+        b, ids = case.batches(s)
+        attr.step(b, ids, None)
+    torch.manual_seed(123)
+    for s in range(3):
+        b, _ = case.batches(s)
+        plain_step(ref_model, ref_opt, case.train_loss, [b], None)
+    assert_same(case.model, opt, ref_model, ref_opt)

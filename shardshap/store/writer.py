@@ -65,6 +65,7 @@ class ScoreWriter:
       steps_per_chunk: steps per log chunk; default keeps a score chunk near 1 M values.
       compressor: a zarr codec (e.g. zarr.codecs.ZstdCodec(level=3)), None for none, or "default"
         (Blosc zstd level 3, bitshuffle; measured in the infra notes).
+      total_chunk_rows: samples per chunk of value/count (and the granularity of reduce blocks).
       queue_chunks: chunk rows that may wait for the disk before write_step blocks (memory bound).
       reduce_on_close / reduce_processes / reduce_memory_bytes: totals at close.
     """
@@ -87,6 +88,7 @@ class ScoreWriter:
         max_steps: int = schema.DEFAULT_MAX_STEPS,
         steps_per_chunk: int | None = None,
         compressor="default",
+        total_chunk_rows: int = schema.DEFAULT_TOTAL_CHUNK_ROWS,
         queue_chunks: int = 2,
         reduce_on_close: bool = True,
         reduce_processes: int = 1,
@@ -107,7 +109,7 @@ class ScoreWriter:
             steps_per_chunk = schema.choose_steps_per_chunk(slots_per_rank, len(targets), max_steps)
         max_steps = -(-int(max_steps) // steps_per_chunk) * steps_per_chunk  # whole chunk rows
         self.layout = Layout(int(num_samples), len(targets), self.world_size, int(slots_per_rank),
-                             int(steps_per_chunk), max_steps, schema.DEFAULT_TOTAL_CHUNK_ROWS)
+                             int(steps_per_chunk), max_steps, int(total_chunk_rows))
         identity = {
             "format": schema.FORMAT_NAME,
             "format_version": schema.FORMAT_VERSION,

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,7 @@ def main():
     ap.add_argument("--flush-every", type=int, default=10)
     ap.add_argument("--die-at", type=int, default=-1)
     ap.add_argument("--resume-step", type=int, default=None)
+    ap.add_argument("--step-time", type=float, default=0.01, help="simulated training seconds/step")
     ap.add_argument("--resume-via", default="arg", choices=["arg", "state"])
     a = ap.parse_args()
     if a.barrier == "mpi":
@@ -100,6 +102,7 @@ def main():
                      residual=0.5, wall_time=float(t))
         if (t + 1) % a.flush_every == 0:  # a training checkpoint after step t
             ckpt.write_text(json.dumps(w.state_dict()))
+        time.sleep(a.step_time)  # training compute; the writer thread gets to the disk meanwhile
         if t == a.die_at:
             os.kill(os.getpid(), signal.SIGKILL)  # no flush, no close, chunks may be mid-write
     w.close()

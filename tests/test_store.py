@@ -346,7 +346,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, resume_via):
     path = tmp_path / "s.zarr"
     world, steps, flush_every = 3, 40, 10
     init = f"tcp://127.0.0.1:{_free_port()}"
-    die_at = [17, 23, 34]  # last checkpoints: after steps 9, 19, 29
+    die_at = [17, 26, 34]  # last checkpoints: after steps 9, 19, 29
     procs = [subprocess.Popen([sys.executable, WORKER, str(path), "--rank", str(r), "--world",
                                str(world), "--init", init, "--steps", str(steps),
                                "--flush-every", str(flush_every), "--die-at", str(die_at[r])])
@@ -355,6 +355,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, resume_via):
     assert codes == [-9, -9, -9]
     s = open_scores(path)
     assert s.committed_steps.tolist() == [9, 19, 29]  # what flush recorded before each kill
+    raw = zarr.open_group(str(path), mode="r")
+    beyond = [(_rank_log(path, r)[0][last + 1:] >= 0).any() for r, last in enumerate([9, 19, 29])]
+    assert all(beyond), "the scenario needs unflushed chunks on disk beyond each committed step"
+    assert (raw["written_step"][:] > [9, 19, 29]).all()
     with pytest.raises(StaleTotalsError):
         s.value
     # reducing the crashed store counts exactly the flushed steps of each rank, not what lies beyond
@@ -372,6 +376,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, resume_via):
                  for r in range(world))
     assert resume == 10
     (path / "sample_id" / "c" / "0" / "0.deadbeef.partial").write_bytes(b"orphan")
+    # the restarted job is killed again before its first flush: steps >= resume must not count
+    codes = _launch(path, world, "--steps", steps, "--flush-every", flush_every,
+                    "--resume-step", resume, "--resume-via", resume_via, "--die-at", 14)
+    assert codes == [-9] * world
+    assert open_scores(path).committed_steps.tolist() == [resume - 1] * world
     codes = _launch(path, world, "--steps", steps, "--flush-every", flush_every,
                     "--resume-step", resume, "--resume-via", resume_via)
     assert codes == [0] * world

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .estimators import Frozen, freeze
+from .estimators import Frozen, freeze, owen_multiplier
 from .ghost import Capture, plan
 from .optim import rule_for
 from .optim.adam import AdamRule
@@ -191,6 +191,7 @@ class Attributor:
         h, target_loss = self._target_gradients(targets, attributed, moved, frozen, shift_needed, use_hvp)
 
         K = target_loss.numel()
+        offset = self._cold_start(frozen, attributed, h, sizes, clip)
         W = {}
         for p, hp in zip(attributed, h):
             mult = frozen[id(p)].multiplier if id(p) in frozen else torch.zeros_like(p, dtype=dtype)
@@ -199,13 +200,16 @@ class Attributor:
         if cfg.check_completeness:
             self._check_completeness(per_param, W, clip, c)
         scores = torch.stack(list(per_param.values())).sum(0) if per_param else torch.zeros(sum(sizes), K)
+        if offset is not None:
+            scores = scores + offset
         group0 = opt.param_groups[0]
         return StepResult(
             scores=scores, sample_ids=torch.empty(0, dtype=torch.int64),
             loss=sample_loss.mean() if cfg.reduction == "mean" else sample_loss.sum(),
             sample_loss=sample_loss, step=self.step_index, lr=scalar(group0["lr"]),
             target_loss=target_loss, clip_factor=clip,
-            metadata={"estimator": cfg.estimator, "order": cfg.order, "excluded": self.excluded})
+            metadata={"estimator": cfg.estimator, "order": cfg.order, "excluded": self.excluded,
+                      "cold_start": offset is not None})
 
     def _target_gradients(self, targets, attributed, moved, frozen, shift_needed, use_hvp):
         """[h_p of shape [K, *p.shape] for p in attributed], target losses [K]."""
@@ -256,6 +260,30 @@ class Attributor:
             return gk
         hv = torch.autograd.grad(dot, attributed, retain_graph=True, allow_unused=True)
         return [g if v is None else (v if g is None else g + v) for g, v in zip(gk, hv)]
+
+    def _cold_start(self, frozen, attributed, h, sizes, clip):
+        """Replace the secant multiplier of cold Adam parameters by Owen's; returns the per-sample offset [K]
+        that keeps the values' sum equal to the secant's (efficiency), or None when the step is warm."""
+        cfg, opt = self.config, self.optimizer
+        if cfg.estimator != "secant" or cfg.cold_start != "owen":
+            return None
+        cold = [(p, hp) for p, hp in zip(attributed, h) if id(p) in frozen
+                and (t := self.rule.step_number(opt.state.get(p, {}))) is not None and t <= cfg.cold_steps]
+        if not cold:
+            return None
+        n = sum(sizes)
+        sum_sq = self.capture.sum_of_squares({id(p) for p, _ in cold}, sizes, self.dtype)
+        offset = 0.0
+        for p, hp in cold:
+            if id(p) not in sum_sq:
+                continue
+            grad = p.grad.to(self.dtype) / clip  # sum of the per-sample contributions, before clipping
+            state = opt.state.get(p, {})
+            owen = owen_multiplier(self.rule.displacement_fn(p, self._groups[id(p)], state, self.dtype),
+                                   grad, sum_sq[id(p)], n, clip)
+            offset = offset + ((frozen[id(p)].multiplier - owen) * grad).unsqueeze(0).mul(hp).flatten(1).sum(1) / n
+            frozen[id(p)].multiplier = owen
+        return offset if torch.is_tensor(offset) else None
 
     def _check_completeness(self, per_param, W, clip, c):
         tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(self.dtype, 5e-2)

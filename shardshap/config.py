@@ -52,6 +52,15 @@ class Config:
         "Names of the K targets, in the order of the target loss vector. Default: target0, target1, ...")})
     num_samples: Optional[int] = field(default=None, metadata={"help": (
         "Size of the training set (sample ids are in [0, num_samples)). Required when writing a store.")})
+    cold_start: str = field(default="owen", metadata={"help": (
+        "Estimator for the first `cold_steps` steps of Adam/AdamW (state near zero, update close to "
+        "lr*sign(g), where the secant's slope is ill-conditioned): 'owen' (Owen's multilinear extension of "
+        "the true per-coordinate update with Gaussian coalition sums; needs the exact per-coordinate sum of "
+        "squared per-sample gradients, one extra weight-gradient-sized pass) or 'none' (plain secant). "
+        "Applies to estimator='secant'; SGD's update is affine, so the secant is already exact there.")})
+    cold_steps: int = field(default=10, metadata={"help": (
+        "Number of first optimizer steps (counted by the optimizer's own state, so a resumed optimizer is "
+        "not cold) that use `cold_start`.")})
     compute_dtype: str = field(default="auto", metadata={"help": (
         "Precision of the attribution math: 'auto' (float64 for float64 models, else float32), "
         "'float32' or 'float64'. Never lower than float32, whatever the model dtype.")})
@@ -67,6 +76,9 @@ class Config:
         _choice("mode", self.mode, ("exact",))
         _choice("reduction", self.reduction, ("mean", "sum"))
         _choice("compute_dtype", self.compute_dtype, ("auto", "float32", "float64"))
+        _choice("cold_start", self.cold_start, ("owen", "none"))
+        if not (isinstance(self.cold_steps, int) and self.cold_steps >= 0):
+            raise ConfigError(f"Config.cold_steps={self.cold_steps!r} must be a non-negative integer")
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
                                                    and self.max_grad_norm > 0):
             raise ConfigError(f"Config.max_grad_norm={self.max_grad_norm!r} must be a positive number or None")

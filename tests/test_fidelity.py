@@ -60,26 +60,28 @@ def test_secant_fidelity_sgd_momentum():
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_cold_adam_steps_are_reported(name):
-    """The first Adam steps (state near zero, update close to lr*sign(g)) are the hard case for every
-    estimator; the values are recorded here, not hidden (see docs/method.md, 'Cold steps')."""
+def test_cold_adam_steps(name):
+    """The first Adam steps (state near zero, update close to lr*sign(g)) break the plain secant (its slope
+    blows up where the batch disagrees). They are recorded here, not hidden: the default cold start
+    ('owen') must stay accurate there, and keeps the secant's efficiency exactly."""
     make, lr = CASES[name]
     case = make()
     opt = torch.optim.AdamW(case.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    variants = [dict(estimator="secant", order=2), dict(estimator="secant", order=2, cold_start="none"),
+                dict(estimator="sgd", order=2)]
+    labels = ["secant+owen", "secant (no cold start)", "sgd"]
     rows = []
     for step in range(3):
         b, ids = case.batches(step)
         _, results = compare_estimators(case.model, opt, case.train_loss, case.target_loss, b, ids, None,
-                                        variants=[dict(estimator="secant", order=2), dict(estimator="sgd", order=2)])
-        rows.append((step + 1, results))
+                                        variants=variants)
+        rows.append(results)
         train_plain(case, opt, 1, start=step)
-    print(f"\n{name}: cold AdamW steps")
-    for step, results in rows:
-        print(f"  step {step}: " + "  ".join(f"{r.name} R = {min(r.pearson):.4f} (efficiency gap "
-                                            f"{max(r.efficiency_gap):.1%})" for r in results))
-    for _, results in rows:
-        for r in results:
-            assert all(-1.0 <= x <= 1.0 for x in r.pearson)  # finite, well-defined numbers
-    # the secant recovers within a few steps as Adam's second moment fills in
-    secant = [min(r.pearson) for _, results in rows for r in results if r.name == "secant/2"]
-    assert secant[-1] > secant[0]
+    print(f"\n{name}: cold AdamW steps, min R over targets (efficiency gap)")
+    for step, results in enumerate(rows, 1):
+        print(f"  step {step}: " + "  ".join(f"{lab} {min(r.pearson):.4f} ({max(r.efficiency_gap):.1%})"
+                                            for lab, r in zip(labels, results)))
+    for owen, plain, _ in rows:
+        assert min(owen.pearson) >= 0.94, owen.pearson
+        assert owen.efficiency_gap == pytest.approx(plain.efficiency_gap, abs=1e-9)
+    assert min(min(r[1].pearson) for r in rows) < 0.9, "the plain secant is expected to fail on a cold step"

@@ -10,6 +10,29 @@ from shardshap.ghost import Capture, UnsupportedModule, plan
 torch.set_default_dtype(torch.float64)
 
 
+def sum_sq_and_reference(model, loss_fn, micro_batches):
+    """Capture.sum_of_squares (materialised per-sample gradients, summed over every use) vs explicit."""
+    pl = plan(model, [])
+    cap = Capture(pl)
+    sizes = []
+    for j, mb in enumerate(micro_batches):
+        with cap.recording(mb[-1], j):
+            loss_fn(model, mb).sum().backward()
+        sizes.append(mb[-1])
+    params = list(pl.params.values())
+    ours = cap.sum_of_squares({id(p) for p in params}, sizes, torch.float64, budget=40)  # tiny chunks
+    cap.remove()
+    ref = {id(p): torch.zeros_like(p) for p in params}
+    for mb in micro_batches:
+        losses = loss_fn(model, mb)
+        for i in range(losses.shape[0]):
+            for g, p in zip(torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True), params):
+                if g is not None:
+                    ref[id(p)] += g * g
+    for p in params:
+        assert torch.allclose(ours[id(p)], ref[id(p)], rtol=1e-10, atol=1e-14)
+
+
 def ghost_and_reference(model, loss_fn, micro_batches, K=3, exclude=()):
     """Ghost products <g_i, W_k> for random W, and the same from explicit per-sample gradients."""
     pl = plan(model, list(exclude))
@@ -54,8 +77,9 @@ class Wrap(nn.Module):
 
 def run_body(body, x, micro=1):
     model = Wrap(body)
-    chunks = x.chunk(micro)
-    return ghost_and_reference(model, lambda m, mb: m(mb[0]), [(c, c.shape[0]) for c in chunks])
+    chunks = [(c, c.shape[0]) for c in x.chunk(micro)]
+    sum_sq_and_reference(model, lambda m, mb: m(mb[0]), chunks)
+    return ghost_and_reference(model, lambda m, mb: m(mb[0]), chunks)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -125,6 +149,7 @@ def test_embedding_tied_head_and_broadcast_positions():
     ids[0, 3:] = 0  # padding rows get no gradient
     ghost, ref = ghost_and_reference(model, lambda m, mb: m(mb[0]), [(ids, 6)])
     assert_exact(ghost, ref)
+    sum_sq_and_reference(model, lambda m, mb: m(mb[0]), [(ids[:4], 4), (ids[4:], 2)])
     # gradient accumulation: two micro-batches, rows in order
     ghost2, ref2 = ghost_and_reference(model, lambda m, mb: m(mb[0]), [(ids[:4], 4), (ids[4:], 2)])
     assert_exact(ghost2, ref2)
@@ -138,6 +163,7 @@ def test_whole_transformers_with_padding_masks(make):
     loss = lambda m, mb: case.train_loss(m, mb[0])
     ghost, ref = ghost_and_reference(case.model, loss, [((ids, mask), 6)], K=3)
     assert_exact(ghost, ref)
+    sum_sq_and_reference(case.model, loss, [((ids, mask), 6)])
 
 
 def test_unsupported_parameter_is_listed_and_exclusion_recorded():

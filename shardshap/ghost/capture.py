@@ -185,3 +185,32 @@ class Capture:
                 for local, val in res.items():
                     out[names[id(am.params[local])]][lo:hi] += val
         return out
+
+    def sum_of_squares(self, wanted: set[int], batch_sizes: list[int], dtype: torch.dtype,
+                       budget: int = 1 << 24) -> dict[int, torch.Tensor]:
+        """{id(param): sum_i y_i^2} per coordinate, y_i = sample i's contribution to the batch gradient
+        (summed over every use of the parameter). Materialises per-sample gradients, chunk by chunk of
+        samples so that a chunk holds at most `budget` numbers per parameter."""
+        uses = [(am, [local for local, p in am.params.items() if id(p) in wanted]) for am in self.plan.modules]
+        uses = [(am, names) for am, names in uses if names]
+        sizes = {id(p): p.numel() for am, names in uses for p in (am.params[n] for n in names)}
+        out = {pid: None for pid in sizes}
+        chunk = max(1, budget // max(sizes.values(), default=1))
+        for micro, b in enumerate(batch_sizes):
+            for lo in range(0, b, chunk):
+                hi = min(b, lo + chunk)
+                acc: dict[int, torch.Tensor] = {}
+                for am, names in uses:
+                    for call in self.calls[am.name]:
+                        if call.micro != micro or call.e is None:
+                            continue
+                        a = call.a[lo:hi]
+                        a = a.to(dtype) if a.is_floating_point() else a
+                        grads = am.rule.per_sample_grads(am.module, a, call.e[lo:hi].to(dtype), names)
+                        for local, g in grads.items():
+                            pid = id(am.params[local])
+                            acc[pid] = g if pid not in acc else acc[pid] + g
+                for pid, g in acc.items():
+                    sq = (g * g).sum(0)
+                    out[pid] = sq if out[pid] is None else out[pid] + sq
+        return {pid: v for pid, v in out.items() if v is not None}

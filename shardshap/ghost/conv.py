@@ -15,7 +15,8 @@ class ConvRule(Rule):
             raise NotImplementedError(f"{name}: Conv padding_mode={module.padding_mode!r} is not supported "
                                       "(only 'zeros')")
 
-    def products(self, module, a, e, W):
+    def _patches(self, module, a, e):
+        """Input patches [b, G, Cin/G*kh*kw, L] and output gradients [b, G, Cout/G, L]."""
         one_d = isinstance(module, nn.Conv1d)
         if one_d:  # treat as a 2-D convolution of height 1
             a, e = a.unsqueeze(2), e.unsqueeze(2)
@@ -34,15 +35,28 @@ class ConvRule(Rule):
         a = F.pad(a, pads)
         b, G = a.shape[0], module.groups
         cols = F.unfold(a, kernel, dilation=dilation, stride=stride)  # [b, Cin*kh*kw, L]
-        cols = cols.view(b, G, -1, cols.shape[-1])                    # [b, G, Cin/G*kh*kw, L]
-        e3 = e.reshape(b, e.shape[1], -1)                              # [b, Cout, L]
+        cols = cols.view(b, G, -1, cols.shape[-1])
+        return cols, e.reshape(b, G, e.shape[1] // G, -1)
+
+    def products(self, module, a, e, W):
+        cols, eg = self._patches(module, a, e)
         out = {}
         if "weight" in W:
             Ww = W["weight"]
-            K = Ww.shape[0]
+            K, G = Ww.shape[0], module.groups
             Wg = Ww.reshape(K, G, Ww.shape[1] // G, -1)                # [K, G, Cout/G, Cin/G*kh*kw]
-            proj = torch.einsum("bgol,kgoi->bkgil", e3.view(b, G, -1, e3.shape[-1]), Wg)
+            proj = torch.einsum("bgol,kgoi->bkgil", eg, Wg)
             out["weight"] = torch.einsum("bkgil,bgil->bk", proj, cols)
         if "bias" in W:
-            out["bias"] = bias_products(e3.transpose(1, 2), W["bias"])
+            out["bias"] = bias_products(eg.flatten(1, 2).transpose(1, 2), W["bias"])
+        return out
+
+    def per_sample_grads(self, module, a, e, names):
+        cols, eg = self._patches(module, a, e)
+        b = cols.shape[0]
+        out = {}
+        if "weight" in names:
+            out["weight"] = torch.einsum("bgol,bgil->bgoi", eg, cols).reshape(b, *module.weight.shape)
+        if "bias" in names:
+            out["bias"] = eg.sum(-1).reshape(b, -1)
         return out

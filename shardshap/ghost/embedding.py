@@ -24,13 +24,26 @@ class EmbeddingRule(Rule):
             return (idx.expand(batch_size, *idx.shape[1:]),) + tuple(args[1:])
         return None
 
-    def products(self, module, a, e, W):
-        if "weight" not in W:
-            return {}
+    @staticmethod
+    def _flat(module, a, e):
         b = a.shape[0]
         idx = a.reshape(b, -1)
         e = e.reshape(b, idx.shape[1], -1)
         if module.padding_idx is not None:  # the padding row never receives gradient
             e = e * (idx != module.padding_idx).unsqueeze(-1).to(e.dtype)
+        return idx, e
+
+    def products(self, module, a, e, W):
+        if "weight" not in W:
+            return {}
+        idx, e = self._flat(module, a, e)
         rows = W["weight"][:, idx]  # [K, b, T, d]
         return {"weight": torch.einsum("kbtd,btd->bk", rows, e)}
+
+    def per_sample_grads(self, module, a, e, names):
+        idx, e = self._flat(module, a, e)
+        b, V = idx.shape[0], module.num_embeddings
+        out = e.new_zeros(b * V, e.shape[-1])
+        rows = (torch.arange(b, device=idx.device).unsqueeze(1) * V + idx).reshape(-1)
+        out.index_add_(0, rows, e.reshape(-1, e.shape[-1]))
+        return {"weight": out.view(b, V, -1)}

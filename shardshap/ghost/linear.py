@@ -34,6 +34,14 @@ class LinearRule(Rule):
             out["bias"] = bias_products(e3, W["bias"])
         return out
 
+    def per_sample_grads(self, module, a, e, names):
+        a3 = a.reshape(a.shape[0], -1, a.shape[-1])
+        e3 = e.reshape(e.shape[0], -1, e.shape[-1])
+        out = {"weight": torch.einsum("bto,bti->boi", e3, a3)} if "weight" in names else {}
+        if "bias" in names:
+            out["bias"] = e3.sum(1)
+        return out
+
 
 def _is_hf_conv1d(module) -> bool:
     cls = type(module)
@@ -52,4 +60,12 @@ class HFConv1DRule(Rule):
             out["weight"] = matrix_products(a3, e3, W["weight"].transpose(1, 2))
         if "bias" in W:
             out["bias"] = bias_products(e3, W["bias"])
+        return out
+
+    def per_sample_grads(self, module, a, e, names):
+        a3 = a.reshape(a.shape[0], -1, a.shape[-1])
+        e3 = e.reshape(e.shape[0], -1, e.shape[-1])
+        out = {"weight": torch.einsum("bti,bto->bio", a3, e3)} if "weight" in names else {}
+        if "bias" in names:
+            out["bias"] = e3.sum(1)
         return out

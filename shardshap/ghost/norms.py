@@ -8,6 +8,18 @@ from torch import nn
 from .registry import Rule, bias_products, register
 
 
+def _affine_grads(xhat, e, names, shape):
+    b = e.shape[0]
+    nfeat = int(torch.Size(shape).numel())
+    e3 = e.reshape(b, -1, nfeat)
+    out = {}
+    if "weight" in names:
+        out["weight"] = (e3 * xhat.reshape(b, -1, nfeat)).sum(1).view(b, *shape)
+    if "bias" in names:
+        out["bias"] = e3.sum(1).view(b, *shape)
+    return out
+
+
 def _affine_products(xhat, e, W, nfeat):
     b = e.shape[0]
     e3 = e.reshape(b, -1, nfeat)
@@ -27,6 +39,10 @@ class LayerNormRule(Rule):
         xhat = F.layer_norm(a, shape, eps=module.eps)
         return _affine_products(xhat, e, W, int(torch.Size(shape).numel()))
 
+    def per_sample_grads(self, module, a, e, names):
+        shape = tuple(module.normalized_shape)
+        return _affine_grads(F.layer_norm(a, shape, eps=module.eps), e, names, shape)
+
 
 def rms_normalize(a: torch.Tensor, ndim: int, eps: float) -> torch.Tensor:
     dims = tuple(range(a.dim() - ndim, a.dim()))
@@ -39,8 +55,15 @@ class RMSNormRule(Rule):
 
     def products(self, module, a, e, W):
         shape = tuple(module.normalized_shape)
+        return _affine_products(self._xhat(module, a), e, W, int(torch.Size(shape).numel()))
+
+    @staticmethod
+    def _xhat(module, a):
         eps = module.eps if module.eps is not None else torch.finfo(a.dtype).eps
-        return _affine_products(rms_normalize(a, len(shape), eps), e, W, int(torch.Size(shape).numel()))
+        return rms_normalize(a, len(module.normalized_shape), eps)
+
+    def per_sample_grads(self, module, a, e, names):
+        return _affine_grads(self._xhat(module, a), e, names, tuple(module.normalized_shape))
 
 
 def _is_hf_rmsnorm(module) -> bool:
@@ -55,9 +78,15 @@ def _is_hf_rmsnorm(module) -> bool:
 class HFRMSNormRule(Rule):
     param_names = ("weight",)
 
-    def products(self, module, a, e, W):
+    @staticmethod
+    def _xhat(module, a):
         eps = getattr(module, "variance_epsilon", None)
         eps = getattr(module, "eps") if eps is None else eps
         # HF normalises in float32 whatever the model dtype; mirror it so products stay exact
-        xhat = rms_normalize(a.float(), 1, float(eps)).to(a.dtype)
-        return _affine_products(xhat, e, W, module.weight.numel())
+        return rms_normalize(a.float(), 1, float(eps)).to(a.dtype)
+
+    def products(self, module, a, e, W):
+        return _affine_products(self._xhat(module, a), e, W, module.weight.numel())
+
+    def per_sample_grads(self, module, a, e, names):
+        return _affine_grads(self._xhat(module, a), e, names, tuple(module.weight.shape))

@@ -33,6 +33,12 @@ class Rule:
         """
         raise NotImplementedError
 
+    def per_sample_grads(self, module: nn.Module, a: torch.Tensor, e: torch.Tensor,
+                         names: list[str]) -> dict[str, torch.Tensor]:
+        """{param name: Tensor[b, *param.shape]}: the per-sample gradients themselves (materialised; used
+        only where exact per-coordinate sums of squares are needed, e.g. cold Adam steps, in chunks)."""
+        raise NotImplementedError
+
 
 _BY_TYPE: dict[type, Rule] = {}
 _BY_MATCH: list[tuple[Callable[[nn.Module], bool], Rule]] = []

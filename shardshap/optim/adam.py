@@ -25,28 +25,47 @@ class AdamRule(OptimizerRule):
         decoupled = group.get("decoupled_weight_decay", False) or self.decoupled_default
         return scalar(group["lr"]), b1, b2, scalar(group["eps"]), scalar(group["weight_decay"]), t, decoupled
 
-    def step_map(self, param, grad, group, state, dtype) -> StepMap:
+    def step_number(self, state) -> int:
+        return int(scalar(state["step"])) + 1 if "step" in state else 1
+
+    def _frozen(self, param, group, state, dtype):
         lr, b1, b2, eps, wd, t, decoupled = self._hyper(param, group, state)
-        sign = -1.0 if group.get("maximize", False) else 1.0
         theta = param.detach().to(dtype)
-        g = grad.detach().to(dtype)
         m = state["exp_avg"].detach().to(dtype) if "exp_avg" in state else torch.zeros_like(theta)
         v = state["exp_avg_sq"].detach().to(dtype) if "exp_avg_sq" in state else torch.zeros_like(theta)
-        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        vmax = None
+        if group.get("amsgrad", False):
+            vmax = (state["max_exp_avg_sq"].detach().to(dtype) if "max_exp_avg_sq" in state
+                    else torch.zeros_like(theta))
         u0 = torch.zeros_like(theta) if (decoupled or wd == 0) else wd * theta  # optimizer input at G = 0
-        u1 = u0 + sign * g
         decay = -lr * wd * theta if decoupled else torch.zeros_like(theta)
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        return lr, b1, b2, eps, 1 - b1 ** t, 1 - b2 ** t, m, v, vmax, u0, decay, sign
 
+    def displacement_fn(self, param, group, state, dtype):
+        lr, b1, b2, eps, bc1, bc2, m, v, vmax, u0, decay, sign = self._frozen(param, group, state, dtype)
+
+        def D(g):
+            u = u0 + sign * g
+            v1 = b2 * v + (1 - b2) * u * u
+            if vmax is not None:
+                v1 = torch.maximum(vmax, v1)
+            return decay - lr * (b1 * m + (1 - b1) * u) / bc1 / ((v1 / bc2).sqrt() + eps)
+        return D
+
+    def step_map(self, param, grad, group, state, dtype) -> StepMap:
+        lr, b1, b2, eps, bc1, bc2, m, v, vmax, u0, decay, sign = self._frozen(param, group, state, dtype)
+        g = grad.detach().to(dtype)
+        u1 = u0 + sign * g
         mhat0 = (b1 * m + (1 - b1) * u0) / bc1
         v0 = b2 * v + (1 - b2) * u0 * u0
         v1 = b2 * v + (1 - b2) * u1 * u1
-        if group.get("amsgrad", False):
-            vmax = state["max_exp_avg_sq"].detach().to(dtype) if "max_exp_avg_sq" in state else torch.zeros_like(theta)
+        if vmax is not None:
             v0, v1 = torch.maximum(vmax, v0), torch.maximum(vmax, v1)
         r0, r1 = (v0 / bc2).sqrt(), (v1 / bc2).sqrt()
         a0, a1 = r0 + eps, r1 + eps
         d0 = decay - lr * mhat0 / a0
-        if group.get("amsgrad", False):
+        if vmax is not None:
             # max() breaks the closed form below: difference quotient, derivative where G == 0
             d1 = decay - lr * (b1 * m + (1 - b1) * u1) / bc1 / a1
             safe = torch.where(g != 0, g, torch.ones_like(g))
@@ -56,7 +75,7 @@ class AdamRule(OptimizerRule):
         # that nothing cancels when G is small (the naive (D(G) - D(0)) / G loses all digits there).
         rsum = r0 + r1
         curve = torch.where(rsum > 0, mhat0 * (1 - b2) * (u0 + u1) / (bc2 * torch.where(rsum > 0, rsum, 1.0) * a0 * a1),
-                            torch.zeros_like(theta))
+                            torch.zeros_like(g))
         slope = -lr * sign * ((1 - b1) / (bc1 * a1) - curve)
         return StepMap(d0=d0, slope=slope)
 

@@ -46,6 +46,14 @@ class OptimizerRule:
     def step_map(self, param, grad, group, state, dtype) -> StepMap:
         raise NotImplementedError
 
+    def step_number(self, state) -> int | None:
+        """1-based index of the step about to be taken, for optimizers whose map depends on it."""
+        return None
+
+    def displacement_fn(self, param, group, state, dtype):
+        """G -> D(G) for any gradient tensor G (the real update map, frozen state); nonlinear rules only."""
+        raise NotImplementedError(f"{self.name}: the update map is affine; use step_map")
+
     def lagged_scale(self, param, group, state, dtype) -> torch.Tensor:
         """Paper B's per-coordinate step scale lr*(1-b1)/bc1/(sqrt(vhat_{t-1})+eps) (Adam family only)."""
         raise UnsupportedOptimizer(

@@ -25,7 +25,7 @@ from pathlib import Path
 from . import reduce_worker, schema
 from .schema import COMMITTED, Layout
 
-DEFAULT_MEMORY_BYTES = 256 << 20  # per worker, for the block accumulator
+DEFAULT_MEMORY_BYTES = 128 << 20  # per worker, for the block accumulator
 
 
 @dataclass
@@ -74,14 +74,28 @@ def _mpi_comm():
     return BarrierComm(comm.Get_rank(), comm.Get_size(), comm.Barrier) if comm.Get_size() > 1 else None
 
 
-def _run_workers(phase: str, plan_file: str, workers: int):
-    """Run one phase in `workers` fresh processes (a script: no pickling, no fork of zarr's threads)."""
-    script = reduce_worker.__file__
-    procs = [subprocess.Popen([sys.executable, script, phase, plan_file, str(w), str(workers)])
+def _run_pool(plan_file: str, workers: int) -> int:
+    """Both phases in `workers` fresh processes (a script: no pickling, no fork of zarr's threads).
+
+    Each worker prints its score count after the map phase and reduces once told that all maps
+    are done. Returns the number of scores reduced."""
+    procs = [subprocess.Popen([sys.executable, reduce_worker.__file__, plan_file, str(w), str(workers)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for w in range(workers)]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"reduce {phase} workers failed with exit codes {codes}")
+    try:
+        counts = [p.stdout.readline().strip() for p in procs]
+        ok = all(c.isdigit() for c in counts)
+        for p in procs:
+            p.stdin.write("reduce\n" if ok else "stop\n")
+            p.stdin.close()
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if not ok or any(codes):
+        raise RuntimeError(f"reduce worker processes failed (exit codes {codes})")
+    return sum(int(c) for c in counts)
 
 
 def reduce_store(path, processes: int | None = None, *, comm: BarrierComm | None = None,
@@ -125,10 +139,7 @@ def reduce_store(path, processes: int | None = None, *, comm: BarrierComm | None
         else:
             with open(plan_file, "w") as fh:
                 json.dump(plan, fh)
-            _run_workers("map", plan_file, workers)
-            n_scores = sum(int(Path(plan["spill"], f"w{w}.scores").read_text())
-                           for w in range(workers))
-            _run_workers("reduce", plan_file, workers)
+            n_scores = _run_pool(plan_file, workers)
     finally:
         if me == 0:
             shutil.rmtree(plan["spill"], ignore_errors=True)

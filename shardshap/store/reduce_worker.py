@@ -1,5 +1,5 @@
 """The two phases of reduce_store for one worker; runnable as a script so that pool workers
-import only numpy and zarr (not shardshap or torch).  Usage: python reduce_worker.py PHASE PLAN W N
+import only numpy and zarr (not shardshap or torch).  Usage: python reduce_worker.py PLAN W N
 
 The plan is a JSON dict (path, spill, num_samples, num_targets, slots_per_rank, steps_per_chunk,
 committed, block_rows, num_blocks); worker W of N takes every N-th log chunk (map) or sample block
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-PIECE_RECORDS = 1 << 21  # spill records summed at a time
+PIECE_RECORDS = 1 << 20  # spill records summed at a time
 
 
 def record_dtype(num_targets: int) -> np.dtype:
@@ -46,22 +46,22 @@ def map_phase(plan: dict, worker: int, workers: int) -> int:
             n = min(c, plan["committed"][r] + 1 - row * c)  # steps past `committed` never count
             ids = ids_arr[row * c:row * c + c, cols][:n].reshape(-1)
             sc = score_arr[row * c:row * c + c, cols][:n].reshape(-1, K)
-            keep = ids >= 0  # -1: empty slot
-            ids, sc = ids[keep], sc[keep]
+            if not (keep := ids >= 0).all():  # -1: empty slot
+                ids, sc = ids[keep], sc[keep]
             n_scores += sc.size
             blk = ids // block_rows
-            if num_blocks > 1:
+            rec = np.empty(ids.size, rec_t)
+            rec["id"] = ids - blk * block_rows
+            rec["score"] = sc
+            if num_blocks > 1:  # group the records by block; 16-bit keys get numpy's radix sort
+                blk = blk.astype(np.uint16 if num_blocks <= 1 << 16 else np.int64)
                 order = np.argsort(blk, kind="stable")
-                ids, sc, blk = ids[order], sc[order], blk[order]
+                rec, blk = rec[order], blk[order]
             bounds = np.searchsorted(blk, np.arange(num_blocks + 1))
             for b in np.flatnonzero(np.diff(bounds)):
-                lo, hi = bounds[b], bounds[b + 1]
-                rec = np.empty(hi - lo, rec_t)
-                rec["id"] = ids[lo:hi] - b * block_rows
-                rec["score"] = sc[lo:hi]
                 if b not in files:
                     files[b] = open(os.path.join(plan["spill"], f"w{worker}_b{b}.bin"), "ab")
-                rec.tofile(files[b])
+                rec[bounds[b]:bounds[b + 1]].tofile(files[b])
     finally:
         for f in files.values():
             f.close()
@@ -79,25 +79,31 @@ def reduce_phase(plan: dict, worker: int, workers: int) -> None:
         rows = min(block_rows, N - lo)
         acc = np.zeros((K, rows), np.float64)  # target-major so that bincount adds in place
         cnt = np.zeros(rows, np.int64)
+        piece = PIECE_RECORDS
         for f in sorted(Path(plan["spill"]).glob(f"w*_b{b}.bin")):
             with open(f, "rb") as fh:
-                while (rec := np.fromfile(fh, dtype=rec_t, count=PIECE_RECORDS)).size:
+                while (rec := np.fromfile(fh, dtype=rec_t, count=piece)).size:
                     ids = rec["id"].astype(np.intp)
                     cnt += np.bincount(ids, minlength=rows)
+                    weights = np.ascontiguousarray(rec["score"].T, dtype=np.float64)
                     for k in range(K):
-                        acc[k] += np.bincount(ids, weights=rec["score"][:, k], minlength=rows)
-        # blocks are whole value chunks, so no two workers ever write one chunk
-        value[lo:lo + rows] = acc.T
+                        acc[k] += np.bincount(ids, weights=weights[k], minlength=rows)
+        # blocks are whole value chunks, so no two workers ever write one chunk; write chunk by
+        # chunk so that the transposed copy stays one chunk large
+        step = value.chunks[0]
+        for a in range(0, rows, step):
+            value[lo + a:lo + a + step] = acc[:, a:a + step].T
         count[lo:lo + rows] = cnt
 
 
-if __name__ == "__main__":
-    phase, plan_file, w, n = sys.argv[1:5]
+def main(plan_file: str, worker: int, workers: int):
+    """Pool worker: map, report the score count on stdout, wait for the go-ahead, reduce."""
     with open(plan_file) as fh:
         plan = json.load(fh)
-    if phase == "map":
-        out = map_phase(plan, int(w), int(n))
-        with open(os.path.join(plan["spill"], f"w{w}.scores"), "w") as fh:
-            fh.write(str(out))
-    else:
-        reduce_phase(plan, int(w), int(n))
+    print(map_phase(plan, worker, workers), flush=True)
+    if sys.stdin.readline().strip() == "reduce":  # every worker's spill is complete
+        reduce_phase(plan, worker, workers)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -65,6 +65,7 @@ class ScoreWriter:
       steps_per_chunk: steps per log chunk; default keeps a score chunk near 1 M values.
       compressor: a zarr codec (e.g. zarr.codecs.ZstdCodec(level=3)), None for none, or "default"
         (Blosc zstd level 3, bitshuffle; measured in the infra notes).
+      totals_compressor: the same for value/count ("default": Blosc zstd level 1, byte shuffle).
       total_chunk_rows: samples per chunk of value/count (and the granularity of reduce blocks).
       queue_chunks: chunk rows that may wait for the disk before write_step blocks (memory bound).
       reduce_on_close / reduce_processes / reduce_memory_bytes: totals at close.
@@ -88,6 +89,7 @@ class ScoreWriter:
         max_steps: int = schema.DEFAULT_MAX_STEPS,
         steps_per_chunk: int | None = None,
         compressor="default",
+        totals_compressor="default",
         total_chunk_rows: int = schema.DEFAULT_TOTAL_CHUNK_ROWS,
         queue_chunks: int = 2,
         reduce_on_close: bool = True,
@@ -120,7 +122,7 @@ class ScoreWriter:
         }
 
         if self.rank == 0:
-            self._prepare_store(identity, metadata or {}, compressor, overwrite)
+            self._prepare_store(identity, metadata or {}, compressor, totals_compressor, overwrite)
         self._barrier()  # the store exists and is valid from here on
         self.group = schema.read_group(self.path, mode="r+")
         self._check_identity(self.group.attrs.asdict(), identity)
@@ -160,7 +162,8 @@ class ScoreWriter:
         if int(max_steps) <= 0 or (steps_per_chunk is not None and int(steps_per_chunk) <= 0):
             raise ValueError("max_steps and steps_per_chunk must be positive")
 
-    def _prepare_store(self, identity: dict, metadata: dict, compressor, overwrite: bool):
+    def _prepare_store(self, identity: dict, metadata: dict, compressor, totals_compressor,
+                       overwrite: bool):
         """Rank 0: create the store, or validate an existing one and invalidate its totals."""
         p = Path(self.path)
         if p.exists() and overwrite:
@@ -187,12 +190,14 @@ class ScoreWriter:
             "totals": None,
         }
         group = zarr.open_group(self.path, mode="w-", attributes=attrs)
-        codec = schema.default_compressor() if compressor == "default" else compressor
+        log_codec = schema.default_compressor() if compressor == "default" else compressor
+        totals_codec = (schema.default_totals_compressor() if totals_compressor == "default"
+                        else totals_compressor)
         for name in schema.SLOT_ARRAYS + schema.STEP_ARRAYS + schema.RANK_ARRAYS + schema.TOTAL_ARRAYS:
             group.create_array(
                 name, shape=self.layout.shape(name), chunks=self.layout.chunks(name),
                 dtype=DTYPES[name], fill_value=FILL[name], dimension_names=schema.DIMS[name],
-                compressors=codec if codec is not None else None,
+                compressors=totals_codec if name in schema.TOTAL_ARRAYS else log_codec,
             )
         tgt = group.create_array(schema.TARGET_COORD, shape=(len(self.targets),), dtype=str,
                                  dimension_names=schema.DIMS[schema.TARGET_COORD])

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from .backends import Engine
 from .config import Config
 from .estimators import Frozen, freeze, owen_multiplier
 from .ghost import Capture, plan
@@ -83,7 +84,8 @@ class Attributor:
         self.config = config if config is not None else Config()
         if not isinstance(self.config, Config):
             raise TypeError(f"config must be a shardshap.Config, got {type(self.config).__name__}")
-        self.model, self.optimizer = model, optimizer
+        self.engine = Engine.detect(model)
+        self.model, self.module, self.optimizer = model, self.engine.module, optimizer
         self.train_loss, self.target_loss = train_loss, target_loss
         self.rule = rule_for(optimizer)
         if self.config.estimator == "adam-lagged" and not isinstance(self.rule, AdamRule):
@@ -91,12 +93,12 @@ class Attributor:
                 f"estimator='adam-lagged' needs torch.optim.Adam or AdamW, not {type(optimizer).__name__}; "
                 "use estimator='secant' (any supported optimizer) or 'sgd'")
         self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        self.plan = plan(model, self.config.exclude, trainable=set(self._groups))
+        self.plan = plan(self.module, self.config.exclude, trainable=set(self._groups))
         if not self.plan.params:
             raise AttributionError("no trainable parameter to attribute: every parameter is frozen, outside "
                                    "the optimizer, or excluded")
         self.capture = Capture(self.plan)
-        any_f64 = any(p.dtype == torch.float64 for p in model.parameters())
+        any_f64 = any(p.dtype == torch.float64 for p in self.module.parameters())
         self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(
             self.config.compute_dtype, torch.float64 if any_f64 else torch.float32)
         self.step_index = 0
@@ -110,13 +112,13 @@ class Attributor:
         n = sum(sizes)
         if n == 0:
             raise AttributionError("the step has no samples (empty sample_ids)")
-        c = 1.0 / n if self.config.reduction == "mean" else 1.0
+        c = 1.0 / n if self.config.reduction == "mean" else 1.0  # this rank's loss; DDP averages over ranks
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         try:
             losses = []
             for j, (mb, b) in enumerate(zip(micro, sizes)):
-                with self.capture.recording(b, j):
+                with self.capture.recording(b, j), self.engine.no_sync(j == len(micro) - 1):
                     per_sample = self.train_loss(self.model, mb)
                     self._check_loss(per_sample, b, j)
                     if len(micro) == 1 and self.config.reduction == "mean":
@@ -125,7 +127,7 @@ class Attributor:
                         (per_sample.sum() * c).backward()
                 losses.append(per_sample.detach())
             sample_loss = torch.cat(losses)
-            result = self._attribute(targets, sizes, sample_loss, c)
+            result = self._attribute(targets, sizes, sample_loss)
             opt.step()
         except BaseException:
             opt.zero_grad(set_to_none=True)  # nothing half-applied: no step, no leftover gradient
@@ -172,7 +174,7 @@ class Attributor:
             raise AttributionError(f"train_loss is not finite for samples at positions {bad[:10]} of micro-batch "
                                    f"{j}; the optimizer step was not taken")
 
-    def _attribute(self, targets, sizes, sample_loss, c) -> StepResult:
+    def _attribute(self, targets, sizes, sample_loss) -> StepResult:
         cfg, opt, dtype = self.config, self.optimizer, self.dtype
         moved = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         clip = 1.0
@@ -196,9 +198,11 @@ class Attributor:
         for p, hp in zip(attributed, h):
             mult = frozen[id(p)].multiplier if id(p) in frozen else torch.zeros_like(p, dtype=dtype)
             W[id(p)] = mult.unsqueeze(0) * hp
-        per_param = self.capture.products(W, sizes, dtype)
+        per_param = self.capture.products(W, sizes, dtype, rank=cfg.product_rank)  # low rank: W becomes W_r
+        if self.engine.distributed:  # DDP averages gradients: each sample's share of the global gradient
+            per_param = {name: v / self.engine.world_size for name, v in per_param.items()}
         if cfg.check_completeness:
-            self._check_completeness(per_param, W, clip, c)
+            self._check_completeness(per_param, W, clip)
         scores = torch.stack(list(per_param.values())).sum(0) if per_param else torch.zeros(sum(sizes), K)
         if offset is not None:
             scores = scores + offset
@@ -209,7 +213,10 @@ class Attributor:
             sample_loss=sample_loss, step=self.step_index, lr=scalar(group0["lr"]),
             target_loss=target_loss, clip_factor=clip,
             metadata={"estimator": cfg.estimator, "order": cfg.order, "excluded": self.excluded,
-                      "cold_start": offset is not None})
+                      "cold_start": offset is not None, "product_rank": cfg.product_rank,
+                      **({"product_energy": self.capture.lowrank_info["energy"],
+                          "product_exact_layers": self.capture.lowrank_info["exact"]}
+                         if cfg.product_rank is not None else {})})
 
     def _target_gradients(self, targets, attributed, moved, frozen, shift_needed, use_hvp):
         """[h_p of shape [K, *p.shape] for p in attributed], target losses [K]."""
@@ -223,7 +230,7 @@ class Attributor:
         devices = sorted({p.device.index for p in attributed if p.device.type == "cuda"})
         try:
             with torch.random.fork_rng(devices=devices):  # the target pass must not shift training's RNG
-                value = self.target_loss(self.model, targets)
+                value = self.target_loss(self.module, targets)
                 if not torch.is_tensor(value) or value.dim() > 1 or value.numel() == 0:
                     raise AttributionError(
                         "target_loss must return a 0-d tensor (one target) or a 1-d tensor [K] (one loss per "
@@ -250,7 +257,13 @@ class Attributor:
                 with torch.no_grad():
                     for p, s in zip(moved, saved):
                         p.copy_(s)
-        return [torch.stack(g) for g in grads], value.detach().to(dtype)
+        h, value = [torch.stack(g) for g in grads], value.detach().to(dtype)
+        if self.engine.distributed and self.config.target_sharding == "split":
+            # each rank evaluated its share of the targets: the target loss is the mean over ranks
+            world = self.engine.world_size
+            h = [self.engine.all_reduce_sum(x) / world for x in h]
+            value = self.engine.all_reduce_sum(value) / world
+        return h, value
 
     def _add_hvp(self, gk, value_k, attributed, moved, frozen):
         """h + H (theta_mid - theta_t): the exact second-order Taylor form of the midpoint gradient."""
@@ -271,8 +284,13 @@ class Attributor:
                 and (t := self.rule.step_number(opt.state.get(p, {}))) is not None and t <= cfg.cold_steps]
         if not cold:
             return None
-        n = sum(sizes)
+        n = self._global_count(sum(sizes))
         sum_sq = self.capture.sum_of_squares({id(p) for p, _ in cold}, sizes, self.dtype)
+        if self.engine.distributed:
+            world = self.engine.world_size
+            for p, _ in cold:  # every rank calls this in the same parameter order
+                local = sum_sq.get(id(p), torch.zeros_like(p, dtype=self.dtype)) / world ** 2
+                sum_sq[id(p)] = self.engine.all_reduce_sum(local)
         offset = 0.0
         for p, hp in cold:
             if id(p) not in sum_sq:
@@ -285,15 +303,22 @@ class Attributor:
             frozen[id(p)].multiplier = owen
         return offset if torch.is_tensor(offset) else None
 
-    def _check_completeness(self, per_param, W, clip, c):
+    def _global_count(self, local: int) -> int:
+        if not self.engine.distributed:
+            return local
+        return int(self.engine.all_reduce_sum(torch.tensor([local], dtype=torch.int64)).item())
+
+    def _check_completeness(self, per_param, W, clip):
         tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(self.dtype, 5e-2)
+        names = [n for n, p in self.plan.params.items() if p.grad is not None]
+        # [params, 2, K]: per-sample sums and sums of magnitudes, added over ranks in one collective
+        sums = self.engine.all_reduce_sum(torch.stack(
+            [torch.stack([per_param[n].sum(0), per_param[n].abs().sum(0)]) for n in names]))
         bad = []
-        for name, p in self.plan.params.items():
-            if p.grad is None:
-                continue
-            ghost = per_param[name].sum(0)
+        for (name, (ghost, magnitude)) in zip(names, sums):
+            p = self.plan.params[name]
             expected = (W[id(p)] * (p.grad.to(self.dtype) / clip).unsqueeze(0)).flatten(1).sum(1)
-            scale = per_param[name].abs().sum(0) + expected.abs() + 1e-30
+            scale = magnitude + expected.abs() + 1e-30
             rel = ((ghost - expected).abs() / scale).max().item()
             if rel > tol:
                 bad.append(f"{name} (relative mismatch {rel:.2e})")

@@ -18,6 +18,14 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"Config.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
 
 
+# What each preset sets (docs/benchmarks.md, "Presets"). 'fast' is the fastest configuration measured to keep
+# Pearson R >= 0.99 against exact values on the throughput benchmark workloads.
+PRESETS: dict[str, dict[str, Any]] = {
+    "exact": {"mode": "exact", "product_rank": None},
+    "fast": {"mode": "exact", "product_rank": 16},
+}
+
+
 @dataclass
 class Config:
     """Settings of an In-Run Data Shapley run. See docs/method.md for the method behind each knob."""
@@ -37,6 +45,19 @@ class Config:
     mode: str = field(default="exact", metadata={"help": (
         "How per-sample products are computed: 'exact' (ghost products from cached activations and "
         "output gradients, no per-sample gradients).")})
+    product_rank: Optional[int] = field(default=None, metadata={"help": (
+        "None: exact products. An integer r: approximate each matrix weight's product vector W_k "
+        "(nn.Linear, HF Conv1D) by rank r (randomized range finder: sketch r+8, one power iteration, "
+        "truncated to r; once per step), so that products cost tokens*r*(d_in+d_out) instead of "
+        "tokens*d_in*d_out. Each layer's kept energy ||W_r||/||W|| is in the step metadata; a layer below "
+        "0.95, or one where rank r saves nothing, uses exact products. Embeddings, norms and biases stay "
+        "exact. Training is unchanged; only the values are approximate (Pearson R >= 0.9999 vs exact at "
+        "r=16 in calibration).")})
+    preset: Optional[str] = field(default=None, metadata={"help": (
+        "A named set of field values: 'exact' (the reference: product_rank=None) or 'fast' (product_rank=16: "
+        "the fastest configuration measured to keep Pearson R >= 0.99 against exact values; "
+        "docs/benchmarks.md). The preset fills the fields it names; giving one of them a non-default value "
+        "that differs from the preset's is an error (drop the preset or that field).")})
     reduction: str = field(default="mean", metadata={"help": (
         "How the training loss combines per-sample losses: 'mean' (L = sum_i l_i / |B|, the usual) or "
         "'sum'. |B| counts every sample of every micro-batch of the optimizer step.")})
@@ -50,6 +71,10 @@ class Config:
         "the result metadata.")})
     target_names: Optional[list] = field(default=None, metadata={"help": (
         "Names of the K targets, in the order of the target loss vector. Default: target0, target1, ...")})
+    target_sharding: str = field(default="replicated", metadata={"help": (
+        "Under DDP: 'replicated' (every rank passes the same targets; no communication) or 'split' (each "
+        "rank passes an equal share of every target set; target losses and gradients are averaged over "
+        "ranks).")})
     num_samples: Optional[int] = field(default=None, metadata={"help": (
         "Size of the training set (sample ids are in [0, num_samples)). Required when writing a store.")})
     cold_start: str = field(default="owen", metadata={"help": (
@@ -70,6 +95,10 @@ class Config:
         "functional call) or broadcast across the batch, and raises instead of returning wrong values.")})
 
     def __post_init__(self) -> None:
+        self._apply_preset()
+        if self.product_rank is not None and (isinstance(self.product_rank, bool)
+                                              or not isinstance(self.product_rank, int) or self.product_rank < 1):
+            raise ConfigError(f"Config.product_rank={self.product_rank!r} must be a positive integer or None (exact)")
         _choice("estimator", self.estimator, ("secant", "adam-lagged", "sgd"))
         _choice("order", self.order, (1, 2))
         _choice("curvature", self.curvature, ("midpoint", "hvp"))
@@ -77,6 +106,7 @@ class Config:
         _choice("reduction", self.reduction, ("mean", "sum"))
         _choice("compute_dtype", self.compute_dtype, ("auto", "float32", "float64"))
         _choice("cold_start", self.cold_start, ("owen", "none"))
+        _choice("target_sharding", self.target_sharding, ("replicated", "split"))
         if not (isinstance(self.cold_steps, int) and self.cold_steps >= 0):
             raise ConfigError(f"Config.cold_steps={self.cold_steps!r} must be a non-negative integer")
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
@@ -95,6 +125,22 @@ class Config:
             raise ConfigError(f"Config.num_samples={self.num_samples!r} must be a positive integer or None")
         if not isinstance(self.check_completeness, bool):
             raise ConfigError(f"Config.check_completeness={self.check_completeness!r} must be true or false")
+
+    def _apply_preset(self) -> None:
+        """Fill the preset's fields; a field the user set to something else is a conflict, not overridden."""
+        if self.preset is None:
+            return
+        _choice("preset", self.preset, tuple(PRESETS))
+        defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                    for f in dataclasses.fields(self)}
+        for key, value in PRESETS[self.preset].items():
+            current = getattr(self, key)
+            if current == value:
+                continue
+            if current != defaults[key]:
+                raise ConfigError(f"Config.preset={self.preset!r} sets {key}={value!r}, but {key}={current!r} was "
+                                  f"given; drop the preset or the field")
+            setattr(self, key, value)
 
     @classmethod
     def fields_help(cls) -> dict[str, str]:

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .lowrank import MIN_ENERGY, Factors, factorize, worth_it
 from .registry import Rule, rule_for
 
 
@@ -113,6 +114,7 @@ class Capture:
         self._batch_size: Optional[int] = None
         self._micro = 0
         self._handles = []
+        self.lowrank_info: dict = {}  # set by products(rank=...): per-layer energy, exact fallbacks
         for am in plan_.modules:
             self._handles.append(am.module.register_forward_pre_hook(self._pre_hook(am)))
             self._handles.append(am.module.register_forward_hook(self._hook(am)))
@@ -160,12 +162,17 @@ class Capture:
         self._handles.clear()
         self.clear()
 
-    def products(self, W: dict[int, torch.Tensor], batch_sizes: list[int], dtype: torch.dtype
-                 ) -> dict[str, torch.Tensor]:
+    def products(self, W: dict[int, torch.Tensor], batch_sizes: list[int], dtype: torch.dtype,
+                 rank: Optional[int] = None) -> dict[str, torch.Tensor]:
         """Per attributed parameter (canonical name): Tensor[sum(batch_sizes), K] of <c g_i, W_k>.
 
         `W` maps id(param) to [K, *param.shape]; `c g_i` is sample i's contribution to the batch
         gradient (the captured output gradients carry the loss reduction's factor).
+        `rank` (Config.product_rank): matrix weights use low-rank products (ghost/lowrank.py), and their
+        entries of `W` are replaced in place by the rank-r approximation, so that `W` holds exactly the
+        vectors the products were taken with (every use of a tied weight and the completeness check see
+        the same W). Each layer's kept energy and the layers that fell back to exact are in
+        `self.lowrank_info`.
         """
         offsets = [0]
         for b in batch_sizes:
@@ -174,8 +181,14 @@ class Capture:
         K = next(iter(W.values())).shape[0]
         device = next(iter(W.values())).device
         out = {n: torch.zeros(offsets[-1], K, dtype=dtype, device=device) for n in self.plan.params}
+        self.lowrank_info = {}
+        factors = self._factorize(W, rank, names) if rank is not None else {}
         for am in self.plan.modules:
             Wm = {local: W[id(p)] for local, p in am.params.items()}
+            if "weight" in am.params and id(am.params["weight"]) in factors:
+                rule, f = factors[id(am.params["weight"])]
+                if rule is am.rule:  # same orientation; other uses of a tied weight take the dense W_r
+                    Wm["weight"] = f
             for call in self.calls[am.name]:
                 if call.e is None:
                     continue
@@ -185,6 +198,29 @@ class Capture:
                 for local, val in res.items():
                     out[names[id(am.params[local])]][lo:hi] += val
         return out
+
+    def _factorize(self, W, rank, names) -> dict[int, tuple[Rule, Factors]]:
+        """Low-rank factors of the matrix weights where they save work and keep >= MIN_ENERGY."""
+        found = {}
+        for am in self.plan.modules:
+            p = am.params.get("weight")
+            as_matrix = getattr(am.rule, "weight_matrix", None)  # [K, dout, din] view (Linear, Conv1D)
+            if p is None or as_matrix is None or id(p) in found:
+                continue
+            M = as_matrix(W[id(p)])
+            if worth_it(M.shape[1], M.shape[2], rank):
+                found[id(p)] = (am.rule, factorize(M, rank))
+        energies = torch.stack([f.energy.min() for _, f in found.values()]).tolist() if found else []
+        self.lowrank_info = {"energy": {}, "exact": []}
+        used = {}
+        for (pid, (rule, f)), energy in zip(found.items(), energies):
+            self.lowrank_info["energy"][names[pid]] = energy
+            if energy < MIN_ENERGY:
+                self.lowrank_info["exact"].append(names[pid])
+                continue
+            used[pid] = (rule, f)
+            W[pid] = rule.weight_matrix(f.dense())  # a transpose or the identity: its own inverse
+        return used
 
     def sum_of_squares(self, wanted: set[int], batch_sizes: list[int], dtype: torch.dtype,
                        budget: int = 1 << 24) -> dict[int, torch.Tensor]:

@@ -4,32 +4,67 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .lowrank import Factors, lowrank_products
 from .registry import Rule, bias_products, register
 
 
 def matrix_products(a: torch.Tensor, e: torch.Tensor, Ww: torch.Tensor) -> torch.Tensor:
     """sum_t e_{i,t}^T W_k a_{i,t} for a [b, T, din], e [b, T, dout], Ww [K, dout, din] -> [b, K].
 
-    Contract with W on the smaller side first: the temporary is [b, T, K, min(din, dout)], which
-    avoids a [b, T, K, vocab] tensor for an LM head.
+    The cheapest exact contraction (measured on CPU, docs/benchmarks.md): for few targets, one GEMM with
+    W on the smaller side first (the temporary is [b, T, K, min(din, dout)], never [b, T, K, vocab] for an
+    LM head), then a fused dot (vecdot: einsum's bmm here was 3-10x slower than the GEMM itself). For
+    K >= 4 targets, per-sample gradients in chunks of samples cost one GEMM whatever K.
     """
     b, T, din = a.shape
     K, dout, _ = Ww.shape
+    if K >= PER_SAMPLE_MIN_TARGETS and T > 1:
+        return _via_per_sample(a, e, Ww)
     if dout > din:
-        proj = (e.reshape(b * T, dout) @ Ww.permute(1, 0, 2).reshape(dout, K * din)).view(b, T, K, din)
-        return torch.einsum("btkd,btd->bk", proj, a)
-    proj = (a.reshape(b * T, din) @ Ww.reshape(K * dout, din).T).view(b, T, K, dout)
-    return torch.einsum("btkd,btd->bk", proj, e)
+        proj, other, d = e.reshape(b * T, dout) @ Ww.permute(1, 0, 2).reshape(dout, K * din), a, din
+    else:
+        proj, other, d = a.reshape(b * T, din) @ Ww.reshape(K * dout, din).T, e, dout
+    if K == 1:
+        return torch.linalg.vecdot(proj.view(b, T * d), other.reshape(b, T * d)).unsqueeze(1)
+    return torch.linalg.vecdot(proj.view(b, T, K, d), other.reshape(b, T, 1, d)).sum(1)
+
+
+PER_SAMPLE_MIN_TARGETS = 4
+PER_SAMPLE_CHUNK = 1 << 24  # numbers per chunk of per-sample gradients (64 MiB in fp32)
+
+
+def _via_per_sample(a, e, Ww):
+    b, T, din = a.shape
+    K, dout, _ = Ww.shape
+    step = max(1, PER_SAMPLE_CHUNK // (din * dout))
+    flat = Ww.reshape(K, dout * din)
+    out = []
+    for lo in range(0, b, step):
+        g = torch.bmm(e[lo:lo + step].transpose(1, 2), a[lo:lo + step])  # [c, dout, din]
+        out.append(g.view(g.shape[0], -1) @ flat.T)
+    return torch.cat(out)
+
+
+def weight_products(a3, e3, Ww):
+    """Exact products, or low-rank ones when Capture.products passes `Factors` (Config.product_rank)."""
+    if isinstance(Ww, Factors):
+        return lowrank_products(a3, e3, Ww)
+    return matrix_products(a3, e3, Ww)
 
 
 @register(nn.Linear)
 class LinearRule(Rule):
+    @staticmethod
+    def weight_matrix(Ww):
+        """[K, dout, din] view of W["weight"] (for low-rank factorisation)."""
+        return Ww
+
     def products(self, module, a, e, W):
         a3 = a.reshape(a.shape[0], -1, a.shape[-1])
         e3 = e.reshape(e.shape[0], -1, e.shape[-1])
         out = {}
         if "weight" in W:
-            out["weight"] = matrix_products(a3, e3, W["weight"])
+            out["weight"] = weight_products(a3, e3, W["weight"])
         if "bias" in W:
             out["bias"] = bias_products(e3, W["bias"])
         return out
@@ -52,12 +87,17 @@ def _is_hf_conv1d(module) -> bool:
 class HFConv1DRule(Rule):
     """transformers.pytorch_utils.Conv1D: y = x @ weight + bias with weight [din, dout]."""
 
+    @staticmethod
+    def weight_matrix(Ww):
+        return Ww.transpose(1, 2)
+
     def products(self, module, a, e, W):
         a3 = a.reshape(a.shape[0], -1, a.shape[-1])
         e3 = e.reshape(e.shape[0], -1, e.shape[-1])
         out = {}
         if "weight" in W:
-            out["weight"] = matrix_products(a3, e3, W["weight"].transpose(1, 2))
+            Ww = W["weight"]
+            out["weight"] = weight_products(a3, e3, Ww if isinstance(Ww, Factors) else Ww.transpose(1, 2))
         if "bias" in W:
             out["bias"] = bias_products(e3, W["bias"])
         return out

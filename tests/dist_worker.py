@@ -1,0 +1,69 @@
+"""One rank of a distributed attribution run (launched by tests/test_distributed.py with torchrun or
+mpiexec). Writes its per-sample values and the final parameters to an .npz file per rank."""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import cases  # noqa: E402
+import shardshap  # noqa: E402
+from shardshap.backends import init_distributed, shutdown  # noqa: E402
+
+STEPS, GLOBAL_BATCH, MICRO = 4, 8, 2
+
+
+def local_micro_batches(case, step, rank, world):
+    """This rank's share of the global batch of `step`, as MICRO micro-batches."""
+    (ids_, mask), sample_ids = case.batches(step)
+    per_rank = GLOBAL_BATCH // world
+    sl = slice(rank * per_rank, (rank + 1) * per_rank)
+    ids_, mask, sample_ids = ids_[sl], mask[sl], sample_ids[sl]
+    chunks = lambda t: list(t.chunk(MICRO))
+    return [tuple(x) for x in zip(chunks(ids_), chunks(mask))], chunks(sample_ids)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--fail-at-step", type=int, default=-1, help="rank 1 raises at this step")
+    ap.add_argument("--plain", action="store_true", help="train without attribution (the reference)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rank, world = init_distributed()
+    case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
+    model = torch.nn.parallel.DistributedDataParallel(case.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    attr = shardshap.Attributor(model, opt, case.train_loss, case.target_loss,
+                                shardshap.Config(max_grad_norm=1.0))
+    ids_out, scores_out = [], []
+    for step in range(STEPS):
+        micro, micro_ids = local_micro_batches(case, step, rank, world)
+        if step == args.fail_at_step and rank == 1:
+            raise RuntimeError("injected failure on rank 1")
+        if args.plain:
+            opt.zero_grad()
+            n = sum(len(i) for i in micro_ids)
+            for j, mb in enumerate(micro):
+                with model.no_sync() if j < len(micro) - 1 else torch.enable_grad():
+                    (case.train_loss(model, mb).sum() / n).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            continue
+        out = attr.step(micro, micro_ids, None)
+        ids_out.append(out.sample_ids.numpy())
+        scores_out.append(out.scores.numpy())
+    params = {n: p.detach().numpy() for n, p in case.model.named_parameters()}
+    if args.plain:
+        np.savez(f"{args.out}.rank{rank}.npz", **params)
+    else:
+        np.savez(f"{args.out}.rank{rank}.npz", ids=np.stack(ids_out), scores=np.stack(scores_out), **params)
+    attr.close()
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

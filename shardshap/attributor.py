@@ -1,11 +1,14 @@
 """`Attributor`: runs one optimizer step and returns every sample's In-Run Data Shapley value."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .backends import Engine
@@ -80,7 +83,8 @@ class Attributor:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  train_loss: Callable[[nn.Module, Any], torch.Tensor],
                  target_loss: Callable[[nn.Module, Any], torch.Tensor],
-                 config: Optional[Config] = None):
+                 config: Optional[Config] = None, *, store: Optional[str] = None,
+                 run_id: Optional[str] = None, overwrite: bool = False):
         self.config = config if config is not None else Config()
         if not isinstance(self.config, Config):
             raise TypeError(f"config must be a shardshap.Config, got {type(self.config).__name__}")
@@ -102,6 +106,14 @@ class Attributor:
         self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(
             self.config.compute_dtype, torch.float64 if any_f64 else torch.float32)
         self.step_index = 0
+        if store is not None and self.config.num_samples is None:
+            raise AttributionError("writing a store needs the size of the training set: set "
+                                   "Config(num_samples=N) (sample ids are in [0, N))")
+        self.store_path, self.overwrite = store, overwrite
+        self.run_id = run_id or "run-" + hashlib.sha256(
+            json.dumps(self.config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        self._writer = None  # opened at the first step, when the local batch size is known
+        self._resume_step: Optional[int] = None
 
     # ------------------------------------------------------------------ public API
     def step(self, batch, sample_ids, targets) -> StepResult:
@@ -113,6 +125,8 @@ class Attributor:
         if n == 0:
             raise AttributionError("the step has no samples (empty sample_ids)")
         c = 1.0 / n if self.config.reduction == "mean" else 1.0  # this rank's loss; DDP averages over ranks
+        if self.store_path is not None:
+            self._check_ids(torch.cat(ids))
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         try:
@@ -136,18 +150,36 @@ class Attributor:
             self.capture.clear()
         result.sample_ids = torch.cat(ids)
         result.metadata["seconds"] = time.perf_counter() - t0
+        if self.store_path is not None:
+            self._write(result)
         self.step_index += 1
         return result
 
     def state_dict(self) -> dict:
-        return {"step": self.step_index, "config": self.config.to_dict()}
+        """The attribution part of a training checkpoint (flushes the store first)."""
+        state = {"step": self.step_index, "run_id": self.run_id, "config": self.config.to_dict()}
+        if self._writer is not None:
+            state["store"] = self._writer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume at the checkpoint's step: the store rewrites every step from there on."""
+        if state.get("run_id", self.run_id) != self.run_id:
+            raise AttributionError(f"checkpoint of run {state['run_id']!r}, but this Attributor is run "
+                                   f"{self.run_id!r}: pass run_id= or the same config")
         self.step_index = int(state["step"])
+        self._resume_step = self.step_index
+        if self._writer is not None:
+            self._writer.load_state_dict({**state["store"], "next_step": self.step_index})
 
     def close(self) -> None:
-        """Remove the hooks from the model."""
-        self.capture.remove()
+        """Flush and finalise the store (per-sample totals), and remove the hooks from the model."""
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            self._writer = None
+            self.capture.remove()
 
     def __enter__(self):
         return self
@@ -160,6 +192,43 @@ class Attributor:
         return list(self.plan.excluded)
 
     # ------------------------------------------------------------------ internals
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        """The store's id rules, checked before training so that a bad step changes nothing."""
+        N = self.config.num_samples
+        bad = ids[(ids < 0) | (ids >= N)]
+        if len(bad):
+            raise AttributionError(f"sample ids {bad[:5].tolist()} are outside [0, num_samples={N}): ids must "
+                                   "index the training set (set Config(num_samples=...) to its size)")
+        if len(torch.unique(ids)) != len(ids):
+            raise AttributionError("sample_ids has duplicates within one optimizer step; each sample of a step "
+                                   "needs its own id (the store keeps one slot per sample and step)")
+
+    def _write(self, result: StepResult) -> None:
+        if self._writer is None:
+            from .store import ScoreWriter
+            engine = self.engine
+            local = torch.tensor([len(result.sample_ids), len(result.sample_ids)], dtype=torch.int64)
+            if engine.distributed:  # the widest rank sets the slots; the sum is the global batch
+                widest = local[:1].clone()
+                dist.all_reduce(widest, op=dist.ReduceOp.MAX)
+                local = torch.cat([widest, engine.all_reduce_sum(local[1:])])
+            names = self.config.target_names or [f"target{k}" for k in range(result.scores.shape[1])]
+            self._writer = ScoreWriter(
+                self.store_path, run_id=self.run_id, config=self.config.to_dict(), targets=names,
+                num_samples=self.config.num_samples, slots_per_rank=int(local[0]),
+                world_size=engine.world_size, rank=engine.rank,
+                barrier=dist.barrier if engine.distributed else None, overwrite=self.overwrite,
+                resume_step=self._resume_step,
+                metadata={"estimator": self.config.estimator, "order": self.config.order,
+                          "mode": self.config.mode, "sign_convention": SIGN_CONVENTION,
+                          "excluded": self.excluded, "global_batch": int(local[1]),
+                          "versions": {"shardshap": __import__("shardshap").__version__,
+                                       "torch": torch.__version__}})
+        self._writer.write_step(
+            self.step_index, result.sample_ids, result.scores.float().cpu(), result.sample_loss.float().cpu(),
+            lr=result.lr, loss=float(result.loss), target_losses=result.target_loss.cpu().numpy(),
+            wall_time=result.metadata["seconds"])
+
     def _check_loss(self, per_sample, b: int, j: int) -> None:
         if not torch.is_tensor(per_sample):
             raise AttributionError(f"train_loss must return a Tensor of per-sample losses, got "

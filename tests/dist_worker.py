@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--fail-at-step", type=int, default=-1, help="rank 1 raises at this step")
     ap.add_argument("--plain", action="store_true", help="train without attribution (the reference)")
+    ap.add_argument("--store", default=None, help="stream the values to this store")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rank, world = init_distributed()
@@ -38,7 +39,7 @@ def main():
     model = torch.nn.parallel.DistributedDataParallel(case.model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     attr = shardshap.Attributor(model, opt, case.train_loss, case.target_loss,
-                                shardshap.Config(max_grad_norm=1.0))
+                                shardshap.Config(max_grad_norm=1.0, num_samples=64), store=args.store)
     ids_out, scores_out = [], []
     for step in range(STEPS):
         micro, micro_ids = local_micro_batches(case, step, rank, world)
@@ -56,6 +57,8 @@ def main():
         out = attr.step(micro, micro_ids, None)
         ids_out.append(out.sample_ids.numpy())
         scores_out.append(out.scores.numpy())
+        if step == 1 and args.store:
+            attr.state_dict()  # a training checkpoint: flushes the store
     params = {n: p.detach().numpy() for n, p in case.model.named_parameters()}
     if args.plain:
         np.savez(f"{args.out}.rank{rank}.npz", **params)

@@ -43,8 +43,15 @@ def run(cmd, timeout=180):
     return proc, time.time() - t0
 
 
-def check_against_reference(prefix):
+def check_against_reference(prefix, store=None):
     values, params = single_process_reference()
+    if store is not None:  # totals of the shared store = sums of the single-process values
+        from shardshap.store import open_scores
+        totals = np.zeros((64, 2))
+        for step_values in values:
+            for i, v in step_values.items():
+                totals[i] += v
+        np.testing.assert_allclose(open_scores(store).value, totals, rtol=1e-5, atol=1e-7)
     for rank in range(2):
         got = np.load(f"{prefix}.rank{rank}.npz")
         for step in range(STEPS):
@@ -61,9 +68,9 @@ def check_against_reference(prefix):
 def test_ddp_torchrun_matches_single_process(tmp_path):
     prefix = str(tmp_path / "ddp")
     torchrun = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER]
-    proc, _ = run(torchrun + ["--out", prefix])
+    proc, _ = run(torchrun + ["--out", prefix, "--store", prefix + ".zarr"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_against_reference(prefix)
+    check_against_reference(prefix, store=prefix + ".zarr")
     # training unchanged under DDP: bit-identical to plain DDP training without attribution
     proc, _ = run(torchrun + ["--out", prefix + "-plain", "--plain"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,9 +88,20 @@ def test_ddp_mpiexec_matches_single_process(tmp_path):
     check_against_reference(prefix)
 
 
-def test_rank_failure_ends_the_job(tmp_path):
+def test_rank_failure_ends_the_job_and_keeps_flushed_steps(tmp_path):
+    store = str(tmp_path / "fail.zarr")
     proc, seconds = run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2",
-                         WORKER, "--out", str(tmp_path / "fail"), "--fail-at-step", "2"], timeout=240)
+                         WORKER, "--out", str(tmp_path / "fail"), "--fail-at-step", "2", "--store", store],
+                        timeout=240)
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
     assert seconds < 200
+    # the checkpoint after step 1 flushed both ranks: rebuilt totals hold exactly steps 0 and 1
+    from shardshap.store import open_scores, reduce_store
+    reduce_store(store)
+    values, _ = single_process_reference()
+    totals = np.zeros((64, 2))
+    for step_values in values[:2]:
+        for i, v in step_values.items():
+            totals[i] += v
+    np.testing.assert_allclose(open_scores(store).value, totals, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,167 @@
+"""Low-rank products (Config.product_rank), the exact contraction paths, and presets. No timing here."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import cases
+import shardshap
+from shardshap.ghost import Capture, plan
+from shardshap.ghost.linear import matrix_products
+from shardshap.ghost.lowrank import MIN_ENERGY, factorize, lowrank_products
+from test_training_unchanged import assert_same, plain_step
+
+DT = torch.float64
+
+
+def low_rank(K, d_out, d_in, rank, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(K, d_out, rank, generator=g, dtype=DT) @ torch.randn(K, rank, d_in, generator=g, dtype=DT)
+
+
+def reference(a, e, Ww):
+    return torch.einsum("bto,koi,bti->bk", e, Ww, a)
+
+
+@pytest.mark.parametrize("K", [1, 2, 5])
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_exact_contraction_paths(K, shape):
+    d_out, d_in = shape
+    a, e = torch.randn(3, 7, d_in, dtype=DT), torch.randn(3, 7, d_out, dtype=DT)
+    Ww = torch.randn(K, d_out, d_in, dtype=DT)
+    torch.testing.assert_close(matrix_products(a, e, Ww), reference(a, e, Ww), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank", [3, 5])
+def test_factors_reproduce_a_low_rank_matrix(rank):
+    W = low_rank(2, 50, 30, rank=3)
+    f = factorize(W, rank)
+    torch.testing.assert_close(f.dense(), W, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(f.energy, torch.ones(2, dtype=DT), rtol=1e-12, atol=1e-12)
+    a, e = torch.randn(4, 6, 30, dtype=DT), torch.randn(4, 6, 50, dtype=DT)
+    torch.testing.assert_close(lowrank_products(a, e, f), reference(a, e, W), rtol=1e-9, atol=1e-9)
+
+
+def test_energy_of_a_truncation():
+    W = torch.randn(1, 60, 40, dtype=DT)
+    f = factorize(W, 4)
+    S = torch.linalg.svdvals(W[0])
+    best = (S[:4].square().sum() / S.square().sum()).sqrt()
+    assert 0 < f.energy.item() <= best.item() + 1e-12  # a projection keeps at most the top-4 energy
+    assert f.energy.item() > 0.9 * best.item()         # and one power iteration gets close to it
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.fc = nn.Linear(64, 64)
+        self.conv = Conv1D(48, 64)  # HF Conv1D: weight [d_in, d_out]
+        self.head = nn.Linear(48, 64)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(torch.tanh(self.fc(x)))))
+
+
+def products(model, W, rank, b=5, T=4):
+    cap = Capture(plan(model, []))
+    x = torch.randn(b, T, 64, dtype=DT, generator=torch.Generator().manual_seed(1))
+    with cap.recording(b, 0):
+        model(x).square().mean((1, 2)).sum().backward()
+    out = cap.products(W, [b], DT, rank=rank)
+    info = cap.lowrank_info
+    cap.remove()
+    return out, info
+
+
+def test_capture_with_rank_at_least_the_true_rank_is_exact():
+    model = Net().to(DT)
+    W = {id(p): (low_rank(2, *p.shape, rank=3, seed=i) if p.dim() == 2 else torch.randn(2, *p.shape, dtype=DT))
+         for i, p in enumerate(model.parameters())}
+    exact, _ = products(model, W, None)
+    W_copy = {k: v.clone() for k, v in W.items()}
+    approx, info = products(model, W_copy, rank=4)
+    assert set(info["energy"]) == {"fc.weight", "conv.weight", "head.weight"} and not info["exact"]
+    assert all(abs(v - 1) < 1e-9 for v in info["energy"].values())
+    for name in exact:
+        torch.testing.assert_close(approx[name], exact[name], rtol=1e-8, atol=1e-10)
+    for k in W:  # the approximation written back equals the original (its rank is 3)
+        torch.testing.assert_close(W_copy[k], W[k], rtol=1e-8, atol=1e-10)
+
+
+def test_low_energy_layers_fall_back_to_exact():
+    model = Net().to(DT)
+    W = {id(p): torch.randn(1, *p.shape, dtype=DT) for p in model.parameters()}  # full rank: energy << 0.95
+    W[id(model.fc.weight)] = low_rank(1, 64, 64, rank=2)  # this layer stays low-rank
+    exact, _ = products(model, W, None)
+    W_copy = {k: v.clone() for k, v in W.items()}
+    approx, info = products(model, W_copy, rank=2)
+    assert sorted(info["exact"]) == ["conv.weight", "head.weight"]
+    assert info["energy"]["conv.weight"] < MIN_ENERGY and info["energy"]["fc.weight"] > 0.999
+    params = dict(model.named_parameters())
+    for name in ("conv.weight", "head.weight"):
+        assert torch.equal(approx[name], exact[name])
+        assert torch.equal(W_copy[id(params[name])], W[id(params[name])])
+    torch.testing.assert_close(approx["fc.weight"], exact["fc.weight"], rtol=1e-8, atol=1e-10)
+
+
+def test_tied_gpt2_low_rank_step():
+    """Tied head and embedding share one W_r; the completeness check (on by default) must still pass."""
+    case = cases.tiny_gpt2(batch_size=4, dtype=DT, tie=True)
+    opt = torch.optim.AdamW(case.model.parameters(), lr=1e-3)
+    m2, o2 = copy.deepcopy((case.model, opt))
+    b, ids = case.batches(0)
+    with shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
+                              shardshap.Config(product_rank=4, cold_start="none")) as attr:
+        out = attr.step(b, ids, None)
+    with shardshap.Attributor(m2, o2, case.train_loss, case.target_loss, shardshap.Config(cold_start="none")) as ex:
+        ref = ex.step(b, ids, None)
+    meta = out.metadata
+    assert meta["product_rank"] == 4 and meta["product_energy"]
+    assert set(meta["product_exact_layers"]) <= set(meta["product_energy"])
+    assert torch.isfinite(out.scores).all() and out.scores.shape == ref.scores.shape
+    assert "product_energy" not in ref.metadata and ref.metadata["product_rank"] is None
+
+
+def test_presets_resolve_and_validate():
+    fast, exact = shardshap.Config(preset="fast"), shardshap.Config(preset="exact")
+    assert fast.product_rank == 16 and exact.product_rank is None
+    assert shardshap.Config(preset="fast", product_rank=16).product_rank == 16  # agreeing is fine
+    assert shardshap.Config(preset="fast", order=1).order == 1                  # fields it does not set stay free
+    with pytest.raises(shardshap.ConfigError, match="preset='fast' sets product_rank=16"):
+        shardshap.Config(preset="fast", product_rank=8)
+    with pytest.raises(shardshap.ConfigError, match="preset='exact' sets product_rank=None"):
+        shardshap.Config(preset="exact", product_rank=8)
+    with pytest.raises(shardshap.ConfigError, match="preset"):
+        shardshap.Config(preset="fastest")
+    for bad in (0, -1, 2.5, True, "16"):
+        with pytest.raises(shardshap.ConfigError, match="product_rank"):
+            shardshap.Config(product_rank=bad)
+    assert shardshap.Config.from_dict(fast.to_dict()) == fast
+    helps = shardshap.Config.fields_help()
+    assert "rank" in helps["product_rank"] and "fast" in helps["preset"]
+
+
+@pytest.mark.parametrize("rank", [2, 16])
+def test_training_unchanged_with_product_rank(rank):
+    """The sketch uses a private generator: dropout masks, parameters and optimizer state are unchanged."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    case = cases.tiny_gpt2(batch_size=4, dtype=torch.float32)
+    cfg = GPT2Config(vocab_size=48, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.1,
+                     embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    case.model = GPT2LMHeadModel(cfg).train()
+    opt = torch.optim.AdamW(case.model.parameters(), lr=1e-3, weight_decay=0.1)
+    ref_model, ref_opt = copy.deepcopy((case.model, opt))
+    attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
+                                shardshap.Config(product_rank=rank, max_grad_norm=1.0))
+    torch.manual_seed(123)
+    for s in range(3):
+        b, ids = case.batches(s)
+        attr.step(b, ids, None)
+    torch.manual_seed(123)
+    for s in range(3):
+        b, _ = case.batches(s)
+        plain_step(ref_model, ref_opt, case.train_loss, [b], 1.0)
+    assert_same(case.model, opt, ref_model, ref_opt)

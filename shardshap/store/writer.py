@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 
 from . import schema
-from .schema import COMMITTED, DTYPES, FILL, SLOT_ARRAYS, STEP_ARRAYS, WRITTEN, Layout
+from .schema import COMMITTED, DTYPES, FILL, SLOT_ARRAYS, WRITTEN, Layout
 
 
 def _numpy(x, dtype=None) -> np.ndarray:

@@ -244,34 +244,28 @@ class Attributor:
                                    f"{j}; the optimizer step was not taken")
 
     def _attribute(self, targets, sizes, sample_loss) -> StepResult:
-        cfg, opt, dtype = self.config, self.optimizer, self.dtype
-        moved = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        clip = 1.0
-        if cfg.max_grad_norm is not None:
-            total = torch.nn.utils.get_total_norm([p.grad for p in moved])
-            clip = float(torch.clamp(cfg.max_grad_norm / (total + 1e-6), max=1.0))
-            torch.nn.utils.clip_grads_with_norm_(moved, cfg.max_grad_norm, total)
-
-        frozen: dict[int, Frozen] = {}
-        for p in moved:
-            frozen[id(p)] = freeze(cfg.estimator, cfg.order, self.rule, p, p.grad, self._groups[id(p)],
-                                   opt.state.get(p, {}), clip, dtype)
+        cfg, opt, dtype, engine = self.config, self.optimizer, self.dtype, self.engine
+        shards = engine.shards(opt)  # this rank's elements of every parameter the optimizer moves
+        clip = engine.clip(shards, cfg.max_grad_norm) if cfg.max_grad_norm is not None else 1.0
+        frozen: dict[int, Frozen] = {
+            pid: freeze(cfg.estimator, cfg.order, self.rule, sh.value, sh.grad, sh.group, sh.state, clip, dtype)
+            for pid, sh in shards.items()}
         attributed = list(self.plan.params.values())
-        shift_needed = cfg.order == 2
-        use_hvp = shift_needed and cfg.curvature == "hvp"
-        h, target_loss = self._target_gradients(targets, attributed, moved, frozen, shift_needed, use_hvp)
+        h, target_loss = self._target_gradients(targets, attributed, shards, frozen)
 
         K = target_loss.numel()
-        offset = self._cold_start(frozen, attributed, h, sizes, clip)
+        offset = self._cold_start(shards, frozen, attributed, h, sizes, clip)
         W = {}
         for p, hp in zip(attributed, h):
-            mult = frozen[id(p)].multiplier if id(p) in frozen else torch.zeros_like(p, dtype=dtype)
-            W[id(p)] = mult.unsqueeze(0) * hp
+            if id(p) in shards and hp is not None:  # gathered to full shape (products need all of W)
+                W[id(p)] = engine.gather(shards[id(p)], frozen[id(p)].multiplier.unsqueeze(0) * hp)
+            else:  # not moved this step, or no target depends on it
+                W[id(p)] = torch.zeros(K, *p.shape, dtype=dtype, device=p.device)
         per_param = self.capture.products(W, sizes, dtype, rank=cfg.product_rank)  # low rank: W becomes W_r
         if self.engine.distributed:  # DDP averages gradients: each sample's share of the global gradient
             per_param = {name: v / self.engine.world_size for name, v in per_param.items()}
         if cfg.check_completeness:
-            self._check_completeness(per_param, W, clip)
+            self._check_completeness(per_param, W, shards, clip)
         scores = torch.stack(list(per_param.values())).sum(0) if per_param else torch.zeros(sum(sizes), K)
         if offset is not None:
             scores = scores + offset
@@ -287,108 +281,113 @@ class Attributor:
                           "product_exact_layers": self.capture.lowrank_info["exact"]}
                          if cfg.product_rank is not None else {})})
 
-    def _target_gradients(self, targets, attributed, moved, frozen, shift_needed, use_hvp):
-        """[h_p of shape [K, *p.shape] for p in attributed], target losses [K]."""
-        dtype = self.dtype
+    def _target_gradients(self, targets, attributed, shards, frozen):
+        """([K, owned numel] per attributed parameter, or None where no target depends on it), losses [K]."""
+        cfg = self.config
+        use_hvp = cfg.order == 2 and cfg.curvature == "hvp"
         saved = None
-        if shift_needed and not use_hvp:  # evaluate at theta_mid; restore bit-exactly afterwards
-            saved = [p.detach().clone() for p in moved]
+        if cfg.order == 2 and not use_hvp:  # evaluate at theta_mid; restore bit-exactly afterwards
+            saved = {pid: sh.value.clone() for pid, sh in shards.items()}
             with torch.no_grad():
-                for p in moved:
-                    p.add_(frozen[id(p)].shift.to(p.dtype))
+                for pid, sh in shards.items():
+                    sh.value.add_(frozen[pid].shift.to(sh.value.dtype))
         devices = sorted({p.device.index for p in attributed if p.device.type == "cuda"})
         try:
             with torch.random.fork_rng(devices=devices):  # the target pass must not shift training's RNG
-                value = self.target_loss(self.module, targets)
-                if not torch.is_tensor(value) or value.dim() > 1 or value.numel() == 0:
-                    raise AttributionError(
-                        "target_loss must return a 0-d tensor (one target) or a 1-d tensor [K] (one loss per "
-                        f"target), got {type(value).__name__}"
-                        f"{' of shape %s' % (tuple(value.shape),) if torch.is_tensor(value) else ''}")
-                value = value.reshape(-1)
-                if not torch.isfinite(value.detach()).all():
-                    raise AttributionError(f"target_loss is not finite ({value.detach().tolist()}); the "
-                                           "optimizer step was not taken")
-                if self.config.target_names is not None and len(self.config.target_names) != value.numel():
-                    raise AttributionError(f"target_loss returned {value.numel()} targets but "
-                                           f"Config.target_names names {len(self.config.target_names)}")
-                K = value.numel()
-                grads = [[] for _ in attributed]
-                for k in range(K):
-                    gk = torch.autograd.grad(value[k], attributed, retain_graph=True, allow_unused=True,
-                                             create_graph=use_hvp)
-                    if use_hvp:
-                        gk = self._add_hvp(gk, value[k], attributed, moved, frozen)
-                    for acc, g, p in zip(grads, gk, attributed):
-                        acc.append(torch.zeros_like(p, dtype=dtype) if g is None else g.detach().to(dtype))
+                if use_hvp:
+                    h, value = self._hvp_gradients(attributed, shards, frozen, targets)
+                else:
+                    h, value = self.engine.target_gradients(lambda: self._evaluate_targets(targets), attributed,
+                                                            self.dtype, split=cfg.target_sharding == "split")
         finally:
             if saved is not None:
                 with torch.no_grad():
-                    for p, s in zip(moved, saved):
-                        p.copy_(s)
-        h, value = [torch.stack(g) for g in grads], value.detach().to(dtype)
-        if self.engine.distributed and self.config.target_sharding == "split":
-            # each rank evaluated its share of the targets: the target loss is the mean over ranks
-            world = self.engine.world_size
-            h = [self.engine.all_reduce_sum(x) / world for x in h]
-            value = self.engine.all_reduce_sum(value) / world
-        return h, value
+                    for pid, sh in shards.items():
+                        sh.value.copy_(saved[pid])
+        return h, value.to(self.dtype)
 
-    def _add_hvp(self, gk, value_k, attributed, moved, frozen):
-        """h + H (theta_mid - theta_t): the exact second-order Taylor form of the midpoint gradient."""
-        full = torch.autograd.grad(value_k, moved, retain_graph=True, allow_unused=True, create_graph=True)
-        dot = sum((g * frozen[id(p)].shift.to(g.dtype)).sum() for g, p in zip(full, moved) if g is not None)
-        if not torch.is_tensor(dot) or not dot.requires_grad:
-            return gk
-        hv = torch.autograd.grad(dot, attributed, retain_graph=True, allow_unused=True)
-        return [g if v is None else (v if g is None else g + v) for g, v in zip(gk, hv)]
+    def _evaluate_targets(self, targets) -> torch.Tensor:
+        value = self.target_loss(self.module, targets)
+        if not torch.is_tensor(value) or value.dim() > 1 or value.numel() == 0:
+            raise AttributionError(
+                "target_loss must return a 0-d tensor (one target) or a 1-d tensor [K] (one loss per "
+                f"target), got {type(value).__name__}"
+                f"{' of shape %s' % (tuple(value.shape),) if torch.is_tensor(value) else ''}")
+        value = value.reshape(-1)
+        if not torch.isfinite(value.detach()).all():
+            raise AttributionError(f"target_loss is not finite ({value.detach().tolist()}); the "
+                                   "optimizer step was not taken")
+        if self.config.target_names is not None and len(self.config.target_names) != value.numel():
+            raise AttributionError(f"target_loss returned {value.numel()} targets but "
+                                   f"Config.target_names names {len(self.config.target_names)}")
+        return value
 
-    def _cold_start(self, frozen, attributed, h, sizes, clip):
+    def _hvp_gradients(self, attributed, shards, frozen, targets):
+        """h + H (theta_mid - theta_t) per target: the exact second-order Taylor form of the midpoint
+        gradient, by double backward (unsharded parameters only)."""
+        if self.engine.partitioned:
+            raise AttributionError("curvature='hvp' needs unsharded parameters; use curvature='midpoint' "
+                                   "with FSDP2 or DeepSpeed")
+        value = self._evaluate_targets(targets)
+        moved = [sh.param for sh in shards.values()]
+        grads = [[] for _ in attributed]
+        for k in range(value.numel()):
+            gk = torch.autograd.grad(value[k], attributed, retain_graph=True, allow_unused=True, create_graph=True)
+            full = torch.autograd.grad(value[k], moved, retain_graph=True, allow_unused=True, create_graph=True)
+            dot = sum((g * frozen[id(p)].shift.view_as(g).to(g.dtype)).sum()
+                      for g, p in zip(full, moved) if g is not None)
+            hv = (torch.autograd.grad(dot, attributed, retain_graph=True, allow_unused=True)
+                  if torch.is_tensor(dot) and dot.requires_grad else [None] * len(attributed))
+            for acc, g, v, p in zip(grads, gk, hv, attributed):
+                total = g if v is None else (v if g is None else g + v)
+                acc.append(torch.zeros_like(p, dtype=self.dtype).reshape(-1) if total is None
+                           else total.detach().to(self.dtype).reshape(-1))
+        return [torch.stack(g) for g in grads], value.detach()
+
+    def _cold_start(self, shards, frozen, attributed, h, sizes, clip):
         """Replace the secant multiplier of cold Adam parameters by Owen's; returns the per-sample offset [K]
         that keeps the values' sum equal to the secant's (efficiency), or None when the step is warm."""
-        cfg, opt = self.config, self.optimizer
+        cfg, engine = self.config, self.engine
         if cfg.estimator != "secant" or cfg.cold_start != "owen":
             return None
-        cold = [(p, hp) for p, hp in zip(attributed, h) if id(p) in frozen
-                and (t := self.rule.step_number(opt.state.get(p, {}))) is not None and t <= cfg.cold_steps]
+        cold = [(p, hp) for p, hp in zip(attributed, h) if id(p) in shards and hp is not None
+                and (t := self.rule.step_number(shards[id(p)].state)) is not None and t <= cfg.cold_steps]
         if not cold:
             return None
         n = self._global_count(sum(sizes))
         sum_sq = self.capture.sum_of_squares({id(p) for p, _ in cold}, sizes, self.dtype)
-        if self.engine.distributed:
-            world = self.engine.world_size
-            for p, _ in cold:  # every rank calls this in the same parameter order
-                local = sum_sq.get(id(p), torch.zeros_like(p, dtype=self.dtype)) / world ** 2
-                sum_sq[id(p)] = self.engine.all_reduce_sum(local)
         offset = 0.0
-        for p, hp in cold:
-            if id(p) not in sum_sq:
-                continue
-            grad = p.grad.to(self.dtype) / clip  # sum of the per-sample contributions, before clipping
-            state = opt.state.get(p, {})
-            owen = owen_multiplier(self.rule.displacement_fn(p, self._groups[id(p)], state, self.dtype),
-                                   grad, sum_sq[id(p)], n, clip)
-            offset = offset + ((frozen[id(p)].multiplier - owen) * grad).unsqueeze(0).mul(hp).flatten(1).sum(1) / n
+        for p, hp in cold:  # every rank runs this loop in the same parameter order (collectives inside)
+            sh = shards[id(p)]
+            full = sum_sq.get(id(p), torch.zeros(p.shape, dtype=self.dtype, device=hp.device))
+            if engine.distributed:  # each rank's samples are its own players: add their squares up
+                full = engine.all_reduce_sum(full / engine.world_size ** 2)
+            grad = sh.grad.to(self.dtype) / clip  # sum of the per-sample contributions, before clipping
+            owen = owen_multiplier(self.rule.displacement_fn(sh.value, sh.group, sh.state, self.dtype),
+                                   grad, engine.owned(sh, full), n, clip)
+            offset = offset + ((frozen[id(p)].multiplier - owen) * grad).unsqueeze(0).mul(hp).sum(1)
             frozen[id(p)].multiplier = owen
-        return offset if torch.is_tensor(offset) else None
+        return engine.reduce_partial(offset) / n
 
     def _global_count(self, local: int) -> int:
         if not self.engine.distributed:
             return local
         return int(self.engine.all_reduce_sum(torch.tensor([local], dtype=torch.int64)).item())
 
-    def _check_completeness(self, per_param, W, clip):
+    def _check_completeness(self, per_param, W, shards, clip):
         tol = {torch.float64: 1e-8, torch.float32: 1e-3}.get(self.dtype, 5e-2)
-        names = [n for n, p in self.plan.params.items() if p.grad is not None]
+        names = [n for n, p in self.plan.params.items() if id(p) in shards]
         # [params, 2, K]: per-sample sums and sums of magnitudes, added over ranks in one collective
         sums = self.engine.all_reduce_sum(torch.stack(
             [torch.stack([per_param[n].sum(0), per_param[n].abs().sum(0)]) for n in names]))
+        expected = self.engine.reduce_partial(torch.stack([  # <batch gradient, W> on owned elements
+            (torch.stack([self.engine.owned(shards[id(p)], w) for w in W[id(p)]])
+             * (shards[id(p)].grad.to(self.dtype) / clip)).sum(1)
+            for p in (self.plan.params[n] for n in names)]))
         bad = []
-        for (name, (ghost, magnitude)) in zip(names, sums):
-            p = self.plan.params[name]
-            expected = (W[id(p)] * (p.grad.to(self.dtype) / clip).unsqueeze(0)).flatten(1).sum(1)
-            scale = magnitude + expected.abs() + 1e-30
-            rel = ((ghost - expected).abs() / scale).max().item()
+        for name, (ghost, magnitude), exp in zip(names, sums, expected):
+            scale = magnitude + exp.abs() + 1e-30
+            rel = ((ghost - exp).abs() / scale).max().item()
             if rel > tol:
                 bad.append(f"{name} (relative mismatch {rel:.2e})")
         if bad:

@@ -25,37 +25,110 @@ from torch import nn
 
 
 @dataclass
+class Shard:
+    """The elements of one optimizer parameter that this rank owns, as flat (1-D) views.
+
+    Local and DDP training own every element; FSDP2 and ZeRO own a contiguous range of the flattened
+    parameter. The estimators' math is coordinate-wise, so it runs on these views unchanged.
+    """
+    param: nn.Parameter   # the registered parameter (the key of the attribution plan)
+    value: torch.Tensor   # writable view of the owned elements
+    grad: torch.Tensor    # the owned elements of the gradient the optimizer receives
+    state: dict           # optimizer state of the owned elements (tensors flat; scalars as they are)
+    group: dict           # the parameter group's hyperparameters
+    start: int = 0        # offset of the owned range in param.flatten()
+
+
 class Engine:
-    """What the Attributor needs to know about the engine that trains the model."""
-    model: nn.Module     # what the user's train_loss is called with (the DDP wrapper under DDP)
-    module: nn.Module    # the plain module: hooks, parameters, target passes
-    world_size: int = 1
-    rank: int = 0
+    """What the Attributor needs from the engine that trains the model (one process here; subclasses
+    for DDP, FSDP2, DeepSpeed). Every method with a collective is called by every rank in the same order."""
+
+    partitioned = False  # True when gradients and optimizer state are split across ranks
+
+    def __init__(self, model: nn.Module, module: nn.Module, world_size: int = 1, rank: int = 0):
+        self.model, self.module, self.world_size, self.rank = model, module, world_size, rank
 
     @classmethod
     def detect(cls, model: nn.Module) -> "Engine":
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            return cls(model, model.module, dist.get_world_size(), dist.get_rank())
+            return Engine(model, model.module, dist.get_world_size(), dist.get_rank())
+        from .fsdp import FSDP2Engine
+        if FSDP2Engine.owns(model):
+            return FSDP2Engine(model)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise TypeError(
                 "torch.distributed is initialised with several ranks but the model is not wrapped: wrap it in "
-                "torch.nn.parallel.DistributedDataParallel (FSDP2 and DeepSpeed engines are not supported yet)")
-        return cls(model, model)
+                "torch.nn.parallel.DistributedDataParallel or shard it with "
+                "torch.distributed.fsdp.fully_shard")
+        return Engine(model, model)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    # ---------------------------------------------------------------- training
     def no_sync(self, last_micro_batch: bool):
         """Skip DDP's gradient all-reduce on every micro-batch but the last one."""
-        if self.distributed and not last_micro_batch:
+        if isinstance(self.model, nn.parallel.DistributedDataParallel) and not last_micro_batch:
             return self.model.no_sync()
         return nullcontext()
 
+    def shards(self, optimizer) -> dict[int, Shard]:
+        """id(param) -> Shard, for every optimizer parameter that has a gradient this step."""
+        out = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = {k: (v.view(-1) if torch.is_tensor(v) and v.shape == p.shape else v)
+                         for k, v in optimizer.state.get(p, {}).items()}
+                out[id(p)] = Shard(p, p.detach().view(-1), p.grad.view(-1), state, group)
+        return out
+
+    def clip(self, shards: dict[int, Shard], max_norm: float) -> float:
+        """Clip like torch.nn.utils.clip_grad_norm_ (global L2 norm); returns the clip factor."""
+        grads = [sh.param.grad for sh in shards.values()]
+        total = torch.nn.utils.get_total_norm(grads)
+        factor = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        torch.nn.utils.clip_grads_with_norm_([sh.param for sh in shards.values()], max_norm, total)
+        return factor
+
+    def target_gradients(self, evaluate, params: list[nn.Parameter], dtype, split: bool = False
+                         ) -> tuple[list, torch.Tensor]:
+        """Gradients of each target loss, [K, owned numel] per parameter (None where no target depends on
+        it), and the losses [K]. `evaluate()` runs the target forward; .grad is never touched. `split`:
+        each rank evaluated its share of the targets, so gradients and losses are averaged over ranks."""
+        value = evaluate()
+        grads = [[] for _ in params]
+        for k in range(value.numel()):
+            gk = torch.autograd.grad(value[k], params, retain_graph=k < value.numel() - 1, allow_unused=True)
+            for acc, g in zip(grads, gk):
+                acc.append(None if g is None else g.detach().to(dtype).reshape(-1))
+        h = [None if any(x is None for x in g) else torch.stack(g) for g in grads]
+        value = value.detach()
+        if split and self.distributed:
+            h = [self.all_reduce_sum(torch.zeros(value.numel(), p.numel(), dtype=dtype, device=p.device)
+                                     if x is None else x) / self.world_size for x, p in zip(h, params)]
+            value = self.all_reduce_sum(value.clone()) / self.world_size
+        return h, value
+
+    # ---------------------------------------------------------------- communication
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(tensor)
         return tensor
+
+    def reduce_partial(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum partial results computed on owned elements (a no-op where every rank owns everything)."""
+        return self.all_reduce_sum(tensor) if self.partitioned else tensor
+
+    def gather(self, shard: Shard, owned: torch.Tensor) -> torch.Tensor:
+        """[K, owned numel] -> [K, *param.shape] on every rank."""
+        return owned.reshape(owned.shape[0], *shard.param.shape)
+
+    def owned(self, shard: Shard, full: torch.Tensor) -> torch.Tensor:
+        """The owned elements of a full-shape tensor (flat)."""
+        return full.reshape(-1)[shard.start:shard.start + shard.value.numel()]
 
 
 def _free_port() -> int:

@@ -32,11 +32,20 @@ def main():
     ap.add_argument("--fail-at-step", type=int, default=-1, help="rank 1 raises at this step")
     ap.add_argument("--plain", action="store_true", help="train without attribution (the reference)")
     ap.add_argument("--store", default=None, help="stream the values to this store")
+    ap.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "fsdp-keep"],
+                    help="fsdp-keep: FSDP2 with reshard_after_forward=False")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rank, world = init_distributed()
     case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
-    model = torch.nn.parallel.DistributedDataParallel(case.model)
+    if args.engine == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(case.model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        reshard = args.engine == "fsdp"
+        for block in case.model.transformer.h:
+            fully_shard(block, reshard_after_forward=reshard)
+        model = fully_shard(case.model, reshard_after_forward=reshard)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     attr = shardshap.Attributor(model, opt, case.train_loss, case.target_loss,
                                 shardshap.Config(max_grad_norm=1.0, num_samples=64), store=args.store)
@@ -49,7 +58,8 @@ def main():
             opt.zero_grad()
             n = sum(len(i) for i in micro_ids)
             for j, mb in enumerate(micro):
-                with model.no_sync() if j < len(micro) - 1 else torch.enable_grad():
+                skip_sync = args.engine == "ddp" and j < len(micro) - 1
+                with model.no_sync() if skip_sync else torch.enable_grad():
                     (case.train_loss(model, mb).sum() / n).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -59,7 +69,8 @@ def main():
         scores_out.append(out.scores.numpy())
         if step == 1 and args.store:
             attr.state_dict()  # a training checkpoint: flushes the store
-    params = {n: p.detach().numpy() for n, p in case.model.named_parameters()}
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p
+    params = {n: full(p.detach()).numpy() for n, p in case.model.named_parameters()}
     if args.plain:
         np.savez(f"{args.out}.rank{rank}.npz", **params)
     else:

@@ -65,9 +65,11 @@ def check_against_reference(prefix, store=None):
             np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_ddp_torchrun_matches_single_process(tmp_path):
-    prefix = str(tmp_path / "ddp")
-    torchrun = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER]
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "fsdp-keep"])
+def test_torchrun_matches_single_process(tmp_path, engine):
+    """DDP and FSDP2 (reshard after forward, or not), gradient accumulation 2, clipping, AdamW."""
+    prefix = str(tmp_path / engine)
+    torchrun = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER, "--engine", engine]
     proc, _ = run(torchrun + ["--out", prefix, "--store", prefix + ".zarr"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_against_reference(prefix, store=prefix + ".zarr")

@@ -15,7 +15,6 @@ from .backends import Engine
 from .config import Config
 from .estimators import Frozen, freeze, owen_multiplier
 from .ghost import Capture, plan
-from .optim import rule_for
 from .optim.adam import AdamRule
 from .optim.base import UnsupportedOptimizer, scalar
 
@@ -89,15 +88,15 @@ class Attributor:
         if not isinstance(self.config, Config):
             raise TypeError(f"config must be a shardshap.Config, got {type(self.config).__name__}")
         self.engine = Engine.detect(model)
+        optimizer = self.engine.resolve_optimizer(optimizer)
         self.model, self.module, self.optimizer = model, self.engine.module, optimizer
         self.train_loss, self.target_loss = train_loss, target_loss
-        self.rule = rule_for(optimizer)
+        self.rule = self.engine.update_rule(optimizer)
         if self.config.estimator == "adam-lagged" and not isinstance(self.rule, AdamRule):
             raise UnsupportedOptimizer(
                 f"estimator='adam-lagged' needs torch.optim.Adam or AdamW, not {type(optimizer).__name__}; "
                 "use estimator='secant' (any supported optimizer) or 'sgd'")
-        self._groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        self.plan = plan(self.module, self.config.exclude, trainable=set(self._groups))
+        self.plan = plan(self.module, self.config.exclude, trainable=self.engine.trainable(optimizer))
         if not self.plan.params:
             raise AttributionError("no trainable parameter to attribute: every parameter is frozen, outside "
                                    "the optimizer, or excluded")
@@ -127,24 +126,26 @@ class Attributor:
         c = 1.0 / n if self.config.reduction == "mean" else 1.0  # this rank's loss; DDP averages over ranks
         if self.store_path is not None:
             self._check_ids(torch.cat(ids))
-        opt = self.optimizer
-        opt.zero_grad(set_to_none=True)
+        opt, engine = self.optimizer, self.engine
+        engine.zero_grad(opt)
         try:
             losses = []
             for j, (mb, b) in enumerate(zip(micro, sizes)):
-                with self.capture.recording(b, j), self.engine.no_sync(j == len(micro) - 1):
+                last = j == len(micro) - 1
+                with self.capture.recording(b, j), engine.no_sync(last):
                     per_sample = self.train_loss(self.model, mb)
                     self._check_loss(per_sample, b, j)
                     if len(micro) == 1 and self.config.reduction == "mean":
-                        per_sample.mean().backward()  # bit-identical to the plain step
+                        engine.backward(per_sample.mean())  # bit-identical to the plain step
                     else:
-                        (per_sample.sum() * c).backward()
+                        engine.backward(per_sample.sum() * c)
+                engine.after_micro_batch(last)
                 losses.append(per_sample.detach())
             sample_loss = torch.cat(losses)
             result = self._attribute(targets, sizes, sample_loss)
-            opt.step()
+            engine.optimizer_step(opt)
         except BaseException:
-            opt.zero_grad(set_to_none=True)  # nothing half-applied: no step, no leftover gradient
+            engine.zero_grad(opt)  # nothing half-applied: no step, no leftover gradient
             raise
         finally:
             self.capture.clear()
@@ -246,7 +247,7 @@ class Attributor:
     def _attribute(self, targets, sizes, sample_loss) -> StepResult:
         cfg, opt, dtype, engine = self.config, self.optimizer, self.dtype, self.engine
         shards = engine.shards(opt)  # this rank's elements of every parameter the optimizer moves
-        clip = engine.clip(shards, cfg.max_grad_norm) if cfg.max_grad_norm is not None else 1.0
+        clip = engine.clip(shards, cfg.max_grad_norm)
         frozen: dict[int, Frozen] = {
             pid: freeze(cfg.estimator, cfg.order, self.rule, sh.value, sh.grad, sh.group, sh.state, clip, dtype)
             for pid, sh in shards.items()}

@@ -67,6 +67,33 @@ class Engine:
         return self.world_size > 1
 
     # ---------------------------------------------------------------- training
+    def resolve_optimizer(self, optimizer):
+        """The optimizer that steps (DeepSpeed: taken from the engine when None is passed)."""
+        if optimizer is None:
+            raise TypeError("pass the torch optimizer that trains the model (None is only for DeepSpeed "
+                            "engines, which own theirs)")
+        return optimizer
+
+    def update_rule(self, optimizer):
+        from ..optim import rule_for
+        return rule_for(optimizer)
+
+    def trainable(self, optimizer) -> set[int]:
+        """ids of the model parameters the optimizer updates."""
+        return {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+    def zero_grad(self, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def after_micro_batch(self, last: bool) -> None:
+        """Called after each micro-batch's backward (DeepSpeed counts micro-steps here)."""
+
+    def optimizer_step(self, optimizer) -> None:
+        optimizer.step()
+
     def no_sync(self, last_micro_batch: bool):
         """Skip DDP's gradient all-reduce on every micro-batch but the last one."""
         if isinstance(self.model, nn.parallel.DistributedDataParallel) and not last_micro_batch:
@@ -85,8 +112,11 @@ class Engine:
                 out[id(p)] = Shard(p, p.detach().view(-1), p.grad.view(-1), state, group)
         return out
 
-    def clip(self, shards: dict[int, Shard], max_norm: float) -> float:
-        """Clip like torch.nn.utils.clip_grad_norm_ (global L2 norm); returns the clip factor."""
+    def clip(self, shards: dict[int, Shard], max_norm) -> float:
+        """Clip like torch.nn.utils.clip_grad_norm_ (global L2 norm); returns the clip factor (1.0 when
+        max_norm is None)."""
+        if max_norm is None:
+            return 1.0
         grads = [sh.param.grad for sh in shards.values()]
         total = torch.nn.utils.get_total_norm(grads)
         factor = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))

@@ -63,7 +63,9 @@ class FSDP2Engine(Engine):
                 out[id(p)] = Shard(p, value, local(p.grad).view(-1), state, group, start)
         return out
 
-    def clip(self, shards, max_norm: float) -> float:
+    def clip(self, shards, max_norm) -> float:
+        if max_norm is None:
+            return 1.0
         local = torch.stack([sh.grad.double().pow(2).sum() for sh in shards.values()]).sum()
         total = float(self.all_reduce_sum(local.reshape(1))[0].sqrt())
         factor = min(1.0, max_norm / (total + 1e-6))

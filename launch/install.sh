@@ -9,4 +9,4 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 2>/dev/null || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,hf]"
+python -m pip install -q -e ".[test,hf,distributed]"

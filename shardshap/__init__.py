@@ -1,10 +1,30 @@
-"""shardshap: In-Run Data Shapley values computed during training."""
-from .attributor import SIGN_CONVENTION, AttributionError, Attributor, StepResult
-from .config import Config, ConfigError
-from .ghost import UnsupportedModule
-from .optim import UnsupportedOptimizer
+"""shardshap: In-Run Data Shapley values computed during training.
+
+Names are imported lazily, so that `shardshap.store` (numpy + zarr) can be used without loading torch.
+"""
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["Attributor", "AttributionError", "Config", "ConfigError", "SIGN_CONVENTION", "StepResult",
-           "UnsupportedModule", "UnsupportedOptimizer", "__version__"]
+_EXPORTS = {
+    "Attributor": "attributor", "AttributionError": "attributor", "SIGN_CONVENTION": "attributor",
+    "StepResult": "attributor", "Config": "config", "ConfigError": "config", "UnsupportedModule": "ghost",
+    "UnsupportedOptimizer": "optim", "open_scores": "store", "init_distributed": "backends",
+    "shutdown": "backends",
+}
+
+_SUBMODULES = ("analysis", "backends", "estimators", "ghost", "optim", "oracle", "store", "verify")
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'shardshap' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -246,6 +246,7 @@ class Attributor:
 
     def _attribute(self, targets, sizes, sample_loss) -> StepResult:
         cfg, opt, dtype, engine = self.config, self.optimizer, self.dtype, self.engine
+        bytes_before = engine.bytes_sent
         shards = engine.shards(opt)  # this rank's elements of every parameter the optimizer moves
         clip = engine.clip(shards, cfg.max_grad_norm)
         frozen: dict[int, Frozen] = {
@@ -277,6 +278,7 @@ class Attributor:
             sample_loss=sample_loss, step=self.step_index, lr=scalar(group0["lr"]),
             target_loss=target_loss, clip_factor=clip,
             metadata={"estimator": cfg.estimator, "order": cfg.order, "excluded": self.excluded,
+                      "bytes_sent": engine.bytes_sent - bytes_before,
                       "cold_start": offset is not None, "product_rank": cfg.product_rank,
                       **({"product_energy": self.capture.lowrank_info["energy"],
                           "product_exact_layers": self.capture.lowrank_info["exact"]}

@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--fail-at-step", type=int, default=-1, help="rank 1 raises at this step")
     ap.add_argument("--plain", action="store_true", help="train without attribution (the reference)")
     ap.add_argument("--store", default=None, help="stream the values to this store")
+    ap.add_argument("--cold-steps", type=int, default=10, help="Config.cold_steps")
     ap.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "fsdp-keep"],
                     help="fsdp-keep: FSDP2 with reshard_after_forward=False")
     args = ap.parse_args()
@@ -48,7 +49,8 @@ def main():
         model = fully_shard(case.model, reshard_after_forward=reshard)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     attr = shardshap.Attributor(model, opt, case.train_loss, case.target_loss,
-                                shardshap.Config(max_grad_norm=1.0, num_samples=64), store=args.store)
+                                shardshap.Config(max_grad_norm=1.0, num_samples=64, cold_steps=args.cold_steps),
+                                store=args.store)
     ids_out, scores_out = [], []
     for step in range(STEPS):
         micro, micro_ids = local_micro_batches(case, step, rank, world)
@@ -67,6 +69,9 @@ def main():
         out = attr.step(micro, micro_ids, None)
         ids_out.append(out.sample_ids.numpy())
         scores_out.append(out.scores.numpy())
+        if rank == 0:
+            print(f"{args.engine} step {step}: shardshap collectives sent {out.metadata['bytes_sent']} bytes "
+                  f"(cold start: {out.metadata['cold_start']}), {out.metadata['seconds']:.3f} s", flush=True)
         if step == 1 and args.store:
             attr.state_dict()  # a training checkpoint: flushes the store
     full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p

@@ -47,6 +47,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, module: nn.Module, world_size: int = 1, rank: int = 0):
         self.model, self.module, self.world_size, self.rank = model, module, world_size, rank
+        self.bytes_sent = 0  # payload of shardshap's own collectives on this rank (reported per step)
 
     @classmethod
     def detect(cls, model: nn.Module) -> "Engine":
@@ -146,6 +147,7 @@ class Engine:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(tensor)
+            self.bytes_sent += tensor.numel() * tensor.element_size()
         return tensor
 
     def reduce_partial(self, tensor: torch.Tensor) -> torch.Tensor:

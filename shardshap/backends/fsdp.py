@@ -111,4 +111,5 @@ class FSDP2Engine(Engine):
         padded[:, :owned.shape[1]] = owned
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded.contiguous())
+        self.bytes_sent += padded.numel() * padded.element_size()
         return torch.cat(parts, dim=1)[:, :p.numel()].reshape(K, *p.shape)

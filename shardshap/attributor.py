@@ -185,7 +185,10 @@ class Attributor:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self._writer is not None:
+            self._writer.__exit__(exc_type, exc, tb)  # flush what is there; no collective while unwinding
+            self._writer = None
         self.close()
 
     @property

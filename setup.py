@@ -16,6 +16,7 @@ setup(
         "dask",
         "tqdm",
         "rich",
+        "matplotlib",
     ],
     extras_require={
         "hf": ["transformers>=4.40"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import random
 import sysconfig
 import time
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import shardshap
+from shardshap import cli
+from shardshap.analysis.manifest import default_path as default_manifest_path, write_manifest
 
 T = 64
 PAD = 256
@@ -85,15 +88,6 @@ def per_sample_loss(model, batch):
     return (tok * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def auroc(score: np.ndarray, is_positive: np.ndarray) -> float:
-    """AUROC of 'a low score flags a positive': P(score of a random positive < score of a random negative)."""
-    pos = is_positive.astype(bool)
-    ranks = score.argsort().argsort() + 1.0  # ascending ranks (ties are rare for float values)
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    pos_above_neg = ranks[pos].sum() - n_pos * (n_pos + 1) / 2  # Mann-Whitney U
-    return float(1.0 - pos_above_neg / (n_pos * n_neg))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
@@ -102,6 +96,7 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/quickstart", help="folder for the store, manifest and plots")
     args = ap.parse_args()
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -112,6 +107,7 @@ def main():
     train_texts = code[:n] + prose[:n] + junk[:n]
     domains = np.array(["code"] * n + ["prose"] * n + ["junk"] * n)
     tokens = [encode(t) for t in train_texts]
+    train_texts = [t[:160] for t in train_texts]
     val = {"code": to_batch([encode(t) for t in code[n:n + 8]]),
            "prose": to_batch([encode(t) for t in prose[n:n + 8]])}
     dev = torch.device(args.device)
@@ -128,41 +124,30 @@ def main():
     def target_loss(m, _):
         return torch.stack([per_sample_loss(m, val[k]).mean() for k in ("code", "prose")])
 
-    attr = shardshap.Attributor(model, opt, per_sample_loss, target_loss,
-                                shardshap.Config(max_grad_norm=1.0, target_names=["code", "prose"]))
     N = len(train_texts)
-    value = np.zeros((N, 2))
-    count = np.zeros(N, dtype=int)
-    first_loss = np.full(N, np.nan)
+    os.makedirs(args.out, exist_ok=True)
+    store = os.path.join(args.out, "run.zarr")
+    write_manifest(default_manifest_path(store), range(N), domains, train_texts)
+    attr = shardshap.Attributor(
+        model, opt, per_sample_loss, target_loss,
+        shardshap.Config(max_grad_norm=1.0, target_names=["code", "prose"], num_samples=N),
+        store=store, overwrite=True)
     order = np.random.default_rng(args.seed).permutation(np.tile(np.arange(N), args.steps * args.batch // N + 1))
     t0 = time.time()
     bar = tqdm(range(args.steps), desc="training with attribution", unit="step")
     for step in bar:
         ids = torch.as_tensor(order[step * args.batch:(step + 1) * args.batch])
+        # a sample drawn twice in one step would be two players with one id: keep the first draw
+        ids = ids[np.sort(np.unique(ids.numpy(), return_index=True)[1])]
         batch = tuple(x.to(dev) for x in to_batch([tokens[i] for i in ids]))
         out = attr.step(batch, ids, None)
         sched.step()
-        idx = ids.numpy()
-        np.add.at(value, idx, out.scores.double().cpu().numpy())
-        np.add.at(count, idx, 1)
-        fresh = np.isnan(first_loss[idx])
-        first_loss[idx[fresh]] = out.sample_loss.cpu().numpy()[fresh]
         bar.set_postfix(loss=f"{out.loss.item():.3f}", code=f"{out.target_loss[0].item():.3f}",
                         prose=f"{out.target_loss[1].item():.3f}")
     attr.close()
-    seen = count > 0
-    total = value.sum(1)
-    print(f"\n{args.steps} steps in {time.time() - t0:.0f} s; {seen.sum()} of {N} samples seen")
-    print(f"{'domain':<8}{'samples':>8}{'mean value (code)':>20}{'mean value (prose)':>20}{'negative share':>16}")
-    for d in ("code", "prose", "junk"):
-        sel = seen & (domains == d)
-        print(f"{d:<8}{sel.sum():>8}{value[sel, 0].mean():>20.3e}{value[sel, 1].mean():>20.3e}"
-              f"{(total[sel] < 0).mean():>16.1%}")
-    is_junk = domains[seen] == "junk"
-    print(f"AUROC of 'low value => junk' (sum over targets): {auroc(total[seen], is_junk):.3f}")
-    print(f"AUROC of 'high training loss => junk':            {auroc(-first_loss[seen], is_junk):.3f}")
-    print("In-Run values measure each sample's contribution to the target losses in this run; they are not a "
-          "dedicated noise detector.")
+    print(f"\n{args.steps} steps in {time.time() - t0:.0f} s; store: {store}\n")
+    cli.main(["report", store])
+    cli.main(["plot", store, "-o", os.path.join(args.out, "plots")])
 
 
 if __name__ == "__main__":

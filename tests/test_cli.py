@@ -1,0 +1,102 @@
+"""The `shardshap` CLI on a store written by a real attributed run (digits MLP with a label-noise 'junk'
+domain): numbers checked against values accumulated independently from the run's step results."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import cases
+import shardshap
+from shardshap import cli
+from shardshap.analysis import auroc
+from shardshap.analysis.manifest import default_path, write_manifest
+
+N = 1797
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    case = cases.digits_mlp(batch_size=16, dtype=torch.float32)
+    store = str(tmp / "run.zarr")
+    junk = set(range(0, N, 7))  # every 7th sample gets a wrong label: the 'junk' domain
+    X, y = case.batches(0)[0]
+    train_loss = case.train_loss
+
+    def noisy_loss(m, b):
+        x, t, ids = b
+        t = torch.where(torch.tensor([i in junk for i in ids.tolist()]), (t + 3) % 10, t)
+        return train_loss(m, (x, t))
+
+    write_manifest(default_path(store), range(N), ["junk" if i in junk else ("low" if i % 2 else "high")
+                                                   for i in range(N)], [f"sample {i}" for i in range(N)])
+    opt = torch.optim.AdamW(case.model.parameters(), lr=1e-2)
+    total = np.zeros((N, 2))
+    with shardshap.Attributor(case.model, opt, noisy_loss, case.target_loss,
+                              shardshap.Config(num_samples=N, target_names=["a", "b"]), store=store) as attr:
+        for s in range(30):
+            (x, t), ids = case.batches(s)
+            out = attr.step((x, t, ids), ids, None)
+            np.add.at(total, ids.numpy(), out.scores.double().numpy())
+    return store, total, junk
+
+
+def run_cli(*argv, capsys):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_report_json(run, capsys):
+    store, total, junk = run
+    code, out, _ = run_cli("report", store, "--json", capsys=capsys)
+    assert code == 0
+    rep = json.loads(out)
+    seen = np.flatnonzero(np.abs(total).sum(1) > 0)
+    assert rep["samples_seen"] == len(seen) and rep["steps"] == 30
+    assert set(rep["per_domain"]) == {"junk", "low", "high"}
+    is_junk = np.array([i in junk for i in seen])
+    assert rep["auroc_low_value_is_junk"]["sum"] == pytest.approx(auroc(total[seen].sum(1), is_junk), abs=1e-6)
+    assert rep["bottom"][0]["id"] == int(seen[np.argmin(total[seen].sum(1))])
+    assert rep["top"][0]["text"] == f"sample {rep['top'][0]['id']}"
+
+
+def test_auroc_against_pair_counting():
+    rng = np.random.default_rng(0)
+    score, pos = rng.normal(size=50), rng.random(50) < 0.3
+    pairs = [(a < b) + 0.5 * (a == b) for a in score[pos] for b in score[~pos]]
+    assert auroc(score, pos) == pytest.approx(np.mean(pairs))
+
+
+def test_top_select_plot(run, capsys, tmp_path):
+    store, total, _ = run
+    code, out, _ = run_cli("top", store, "-k", "3", "--bottom", "--target", "b", "--json", capsys=capsys)
+    seen = np.flatnonzero(np.abs(total).sum(1) > 0)
+    assert [r["id"] for r in json.loads(out)] == seen[np.argsort(total[seen, 1])[:3]].tolist()
+    keep = tmp_path / "keep.txt"
+    assert run_cli("select", store, "--rule", "drop-negative", "-o", str(keep), capsys=capsys)[0] == 0
+    expected = sorted(set(range(N)) - set(seen[total[seen].sum(1) < 0].tolist()))
+    assert np.loadtxt(keep, dtype=int).tolist() == expected
+    code, out, _ = run_cli("plot", store, "-o", str(tmp_path / "plots"), "--json", capsys=capsys)
+    for path in json.loads(out):
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert run_cli("info", store, "--json", capsys=capsys)[0] == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "/nonexistent/run.zarr"], "no store at"),
+    (["top", "STORE", "--target", "nope"], "--target 'nope' is not a target"),
+    (["select", "STORE", "--rule", "drop-lowest", "--fraction", "2", "-o", "/tmp/x.txt"], "must be in (0, 1)"),
+    (["report", "STORE", "--manifest", "/nonexistent.jsonl"], "no manifest at"),
+])
+def test_errors_are_one_line(run, argv, message):
+    store, _, _ = run
+    argv = [a.replace("STORE", store) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "shardshap.cli", *argv], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -84,3 +84,27 @@ def test_gpt2_with_dropout(optimizer):
         b, _ = case.batches(s)
         plain_step(ref_model, ref_opt, case.train_loss, [b], None)
     assert_same(case.model, opt, ref_model, ref_opt)
+
+
+def test_bf16_model_values_reduced_in_fp32():
+    """A bf16 model trains exactly as without attribution, and its values (reduced in fp32) agree with
+    those of the same model and optimizer state in fp32."""
+    from shardshap.verify import pearson
+    case = cases.tiny_gpt2(batch_size=8, dtype=torch.float32)
+    case.model = case.model.to(torch.bfloat16)
+    opt = torch.optim.AdamW(case.model.parameters(), lr=3e-3)
+    ref_model, ref_opt = copy.deepcopy((case.model, opt))
+    attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss)
+    for s in range(3):
+        b, ids = case.batches(s)
+        out = attr.step(b, ids, None)
+        plain_step(ref_model, ref_opt, case.train_loss, [b], None)
+    assert out.scores.dtype == torch.float32
+    assert_same(case.model, opt, ref_model, ref_opt)
+    m32 = copy.deepcopy(case.model).float()
+    o32 = torch.optim.AdamW(m32.parameters(), lr=3e-3)
+    o32.load_state_dict(opt.state_dict())
+    b, ids = case.batches(3)
+    v16 = attr.step(b, ids, None).scores
+    v32 = shardshap.Attributor(m32, o32, case.train_loss, case.target_loss).step(b, ids, None).scores
+    assert min(pearson(v16[:, k], v32[:, k]) for k in range(2)) > 0.999

@@ -53,6 +53,9 @@ class Engine:
     def detect(cls, model: nn.Module) -> "Engine":
         if isinstance(model, nn.parallel.DistributedDataParallel):
             return Engine(model, model.module, dist.get_world_size(), dist.get_rank())
+        if type(model).__name__ == "DeepSpeedEngine":
+            from .deepspeed import DeepSpeedEngine
+            return DeepSpeedEngine(model)
         from .fsdp import FSDP2Engine
         if FSDP2Engine.owns(model):
             return FSDP2Engine(model)

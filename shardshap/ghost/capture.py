@@ -229,7 +229,9 @@ class Capture:
         samples so that a chunk holds at most `budget` numbers per parameter."""
         uses = [(am, [local for local, p in am.params.items() if id(p) in wanted]) for am in self.plan.modules]
         uses = [(am, names) for am, names in uses if names]
-        sizes = {id(p): p.numel() for am, names in uses for p in (am.params[n] for n in names)}
+        # ZeRO-3 parameters are empty outside forward (p.numel() == 0); ds_numel is their real size
+        sizes = {id(p): getattr(p, "ds_numel", None) or p.numel() for am, names in uses
+                 for p in (am.params[n] for n in names)}
         out = {pid: None for pid in sizes}
         chunk = max(1, budget // max(sizes.values(), default=1))
         for micro, b in enumerate(batch_sizes):

@@ -1,0 +1,373 @@
+"""DeepSpeed ZeRO stages 1, 2 and 3: `Attributor(ds_engine, None, ...)`.
+
+Each rank owns a contiguous range of every flattened parameter (possibly empty):
+- ZeRO-1/2: the flat fp32 master partition of each parameter group is cut across ranks without regard to
+  parameter boundaries; `p._hp_mapping.lp_fragment_address` is the owned range of p.flatten() and
+  `hp_fragment` the matching view of the fp32 master partition (None when the rank owns nothing of p).
+  The model parameters that engine.module uses are full bit16/fp32 copies on every rank.
+- ZeRO-3: every parameter is partitioned on its own; rank r owns [r*part, min((r+1)*part, numel)) with
+  part = p.ds_tensor.numel(). Parameters below stage3_param_persistence_threshold are "persistent": their
+  full value stays in p.data on every rank, their optimizer state is partitioned like the others.
+
+What the Attributor gets:
+- Shard.value: a writable view of the fp32 master values (ZeRO-1/2: hp fragment; ZeRO-3: the slice of
+  fp32_partitioned_groups_flat). The midpoint shift moves it; `target_gradients` then moves what the
+  forward reads (ZeRO-1/2: copy master -> bit16 partition + the same all-gather DeepSpeed runs after its
+  step; ZeRO-3: master -> ds_tensor, persistent parameters re-gathered) and restores all of it bit-exactly.
+- Shard.grad: a copy of the owned elements of the reduced (rank-averaged) gradient, clipped by `clip` with
+  exactly DeepSpeed's factor (its own norm function, its own formula); DeepSpeed clips the real gradient
+  in engine.step(), so nothing is clipped twice.
+- Shard.state: views of exp_avg / exp_avg_sq of the inner optimizer and its `step` (empty before the first
+  step: DeepSpeed creates the state lazily).
+- Target gradients: engine.module(...) + torch.autograd.grad (never engine(...): its output hooks divide
+  by gradient_accumulation_steps and disturb ZeRO-2/3 accumulation), restricted to the owned range.
+- Micro-batches: engine.backward(loss, scale_wrt_gas=False) (the Attributor's loss already carries 1/n
+  over the whole step), engine.step() after every non-final micro-batch (it only counts), and the final
+  engine.step() in optimizer_step, after attribution.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import Engine, Shard
+
+
+def _error(message: str) -> Exception:
+    from ..attributor import AttributionError
+    return AttributionError(message)
+
+
+class DeepSpeedEngine(Engine):
+    partitioned = True
+
+    def __init__(self, model):
+        self.ds = model
+        self.zero = model.optimizer
+        stage = int(model.zero_optimization_stage()) if model.zero_optimization() else 0
+        if stage not in (1, 2, 3):
+            raise TypeError(f"DeepSpeed engine with ZeRO stage {stage}: shardshap supports ZeRO stages 1, 2 and 3 "
+                            "(set zero_optimization.stage)")
+        if model.fp16_enabled():
+            raise TypeError("DeepSpeed fp16 (loss scaling) is not supported: the captured output gradients carry the "
+                            "dynamic loss scale; train in fp32 or bf16")
+        if getattr(self.zero, "cpu_offload", False) or getattr(self.zero, "offload_optimizer", False) \
+                or getattr(self.zero, "offload_param", False):
+            raise TypeError("DeepSpeed ZeRO offload is not supported (optimizer state must stay on the device)")
+        world = dist.get_world_size()
+        super().__init__(model, model.module, world, dist.get_rank())
+        self.stage = stage
+        self.gas = int(model.gradient_accumulation_steps())
+        self._micro = 0            # micro-batches of the current step seen so far
+        self._micro_steps0 = None  # engine.micro_steps when the step started (rollback on failure)
+        # every trainable parameter of engine.module, in one order shared by all ranks
+        self.params: list[nn.Parameter] = [p for _, p in model.module.named_parameters() if p.requires_grad]
+        if stage == 3:
+            self._init_zero3()
+        else:
+            self._init_zero12()
+
+    # ---------------------------------------------------------------- layout
+    def _init_zero12(self):
+        z = self.zero
+        for i, group in enumerate(z.bit16_groups):
+            g = z.real_dp_process_group[i]
+            if dist.get_world_size(group=g) != self.world_size:
+                raise TypeError("DeepSpeed data-parallel group smaller than the world (model/expert parallelism) "
+                                "is not supported")
+        self.group_of = {id(p): i for i, group in enumerate(z.bit16_groups) for p in group}
+        missing = [p for p in self.params if id(p) not in self.group_of]
+        if missing:
+            raise TypeError(f"{len(missing)} trainable parameter(s) of engine.module are not in the DeepSpeed "
+                            "optimizer; give every trainable parameter to deepspeed.initialize")
+        local = []
+        for p in self.params:
+            hm = p._hp_mapping
+            if hm is None:
+                local.append((0, 0))
+            else:
+                a = hm.lp_fragment_address
+                local.append((int(a.start), int(a.numel)))
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, local)  # once: who owns which range of every parameter
+        self.ranges = {id(p): [everyone[r][j] for r in range(self.world_size)] for j, p in enumerate(self.params)}
+
+    def _init_zero3(self):
+        z = self.zero
+        for p in self.params:
+            if not hasattr(p, "ds_id"):
+                raise TypeError("ZeRO-3 engine with a parameter that DeepSpeed did not partition")
+            if dist.get_world_size(group=p.ds_process_group) != self.world_size:
+                raise TypeError("ZeRO-3 partition groups smaller than the world (MiCS, hpZ, model parallelism) "
+                                "are not supported")
+        self.ranges = {}
+        for p in self.params:
+            part, n = p.ds_tensor.numel(), p.ds_numel
+            self.ranges[id(p)] = [(min(r * part, n), max(0, min(part, n - r * part))) for r in range(self.world_size)]
+
+    def _owned_range(self, p) -> tuple[int, int]:
+        return self.ranges[id(p)][self.rank]
+
+    def _full_shape(self, p) -> torch.Size:
+        return p.ds_shape if self.stage == 3 else p.shape
+
+    def _full_numel(self, p) -> int:
+        return int(p.ds_numel) if self.stage == 3 else p.numel()
+
+    # ---------------------------------------------------------------- training
+    def resolve_optimizer(self, optimizer):
+        if optimizer is not None and optimizer is not self.zero:
+            raise TypeError("with a DeepSpeed engine pass optimizer=None: the engine owns its optimizer "
+                            "(engine.optimizer)")
+        return self.zero
+
+    def update_rule(self, optimizer):
+        from ..optim import rule_for
+        from ..optim.adam import AdamRule
+        from ..optim.base import UnsupportedOptimizer
+        inner = optimizer.optimizer
+        name = type(inner).__name__
+        if name in ("FusedAdam", "DeepSpeedCPUAdam"):
+            # DeepSpeed's fused/CPU Adam: the same map as torch Adam (adam_w_mode: decoupled AdamW)
+            if not all(g.get("bias_correction", True) for g in inner.param_groups):
+                raise UnsupportedOptimizer(f"DeepSpeed {name}(bias_correction=False) is not supported")
+            if any(g.get("amsgrad", False) for g in inner.param_groups):
+                raise UnsupportedOptimizer(f"DeepSpeed {name}(amsgrad=True) is not supported")
+            return AdamRule(decoupled_default=bool(getattr(inner, "adam_w_mode", True)))
+        return rule_for(inner)
+
+    def trainable(self, optimizer) -> set[int]:
+        return {id(p) for p in self.params}
+
+    def zero_grad(self, optimizer) -> None:
+        if self._micro_steps0 is not None and self._micro > 0:
+            # a step failed after some micro-batches: give DeepSpeed back a clean accumulation window
+            self.ds.micro_steps = self._micro_steps0
+            self.zero.zero_grad(set_to_none=True)
+            if hasattr(self.zero, "micro_step_id"):
+                self.zero.micro_step_id = -1 if self.stage < 3 else 0
+            for store in ("averaged_gradients", "all_grad_tensors"):
+                d = getattr(self.zero, store, None)
+                if isinstance(d, dict):
+                    for k in d:
+                        d[k] = None
+                elif isinstance(d, list):
+                    for k in range(len(d)):
+                        d[k] = None
+        self._micro = 0
+        self._micro_steps0 = self.ds.micro_steps
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the Attributor's loss is already this rank's share of the step (1/n over all micro-batches):
+        # no further division by gradient_accumulation_steps
+        self.ds.backward(loss, scale_wrt_gas=False)
+        self._micro += 1
+
+    def after_micro_batch(self, last: bool) -> None:
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        if last and not boundary:
+            raise _error(f"the step has {self._micro} micro-batch(es) but the DeepSpeed config has "
+                         f"gradient_accumulation_steps={self.gas}: pass exactly that many micro-batches per step")
+        if not last:
+            if boundary:
+                raise _error(f"the step has more micro-batches than the DeepSpeed config's "
+                             f"gradient_accumulation_steps={self.gas}")
+            self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    def optimizer_step(self, optimizer) -> None:
+        self.ds.step()
+        self._micro = 0
+
+    def no_sync(self, last_micro_batch: bool):
+        from contextlib import nullcontext
+        return nullcontext()
+
+    # ---------------------------------------------------------------- shards
+    def shards(self, optimizer) -> dict[int, Shard]:
+        return self._shards_zero3() if self.stage == 3 else self._shards_zero12()
+
+    @staticmethod
+    def _state_slice(state: dict, flat: torch.Tensor, start: int, numel: int) -> dict:
+        return {k: (v.narrow(0, start, numel) if torch.is_tensor(v) and v.shape == flat.shape else v)
+                for k, v in state.items()}
+
+    def _shards_zero12(self) -> dict[int, Shard]:
+        z = self.zero
+        out = {}
+        for p in self.params:
+            i = self.group_of[id(p)]
+            flat = z.single_partition_of_fp32_groups[i]
+            group = z.optimizer.param_groups[i]
+            state = z.optimizer.state.get(flat, {})
+            hm = p._hp_mapping
+            if hm is None:  # this rank owns no element of p
+                empty = flat.new_empty(0)
+                out[id(p)] = Shard(p, empty, empty.clone(), self._state_slice(state, flat, 0, 0), group, 0)
+                continue
+            a, h = hm.lp_fragment_address, hm.hp_fragment_address
+            grad = hm.get_lp_grad_fragment(p._index_in_param_group).to(torch.float32).flatten()
+            if grad.numel() == p.numel() and grad.numel() != a.numel:  # a full-size accumulation buffer
+                grad = grad.narrow(0, a.start, a.numel)
+            value = flat.narrow(0, h.start, h.numel)
+            out[id(p)] = Shard(p, value, grad.detach().clone(), self._state_slice(state, flat, h.start, h.numel),
+                               group, int(a.start))
+        return out
+
+    def _shards_zero3(self) -> dict[int, Shard]:
+        from deepspeed.utils import safe_get_local_grad
+        z = self.zero
+        out = {}
+        for p in self.params:
+            sub, offset, _ = z.grad_position[z.get_param_id(p)]
+            flat = z.fp32_partitioned_groups_flat[sub]
+            group = z.optimizer.param_groups[z.sub_group_to_group_id[sub]]
+            state = z.optimizer.state.get(flat, {})
+            start, k = self._owned_range(p)
+            grad = safe_get_local_grad(p).detach().flatten()[:k].to(torch.float32).clone()
+            out[id(p)] = Shard(p, flat.narrow(0, offset, k), grad, self._state_slice(state, flat, offset, k),
+                               group, start)
+        return out
+
+    # ---------------------------------------------------------------- clipping
+    def _deepspeed_norm(self) -> torch.Tensor:
+        """The gradient norm DeepSpeed's step computes (its own function on its own buffers; one all-reduce)."""
+        from deepspeed.runtime.utils import combine_grad_norm_groups
+        z = self.zero
+        if self.stage == 3:
+            return combine_grad_norm_groups(z._get_norm_groups())
+        return z.scaled_global_norm()
+
+    def clip(self, shards, max_norm) -> float:
+        clip_grad = float(self.ds.gradient_clipping() or 0.0)
+        if max_norm is not None and (clip_grad <= 0 or abs(max_norm - clip_grad) > 1e-12 * max(1.0, clip_grad)):
+            raise _error(f"Config.max_grad_norm={max_norm} but the DeepSpeed config has gradient_clipping="
+                         f"{clip_grad}: under DeepSpeed the engine clips; set gradient_clipping in the DeepSpeed "
+                         "config and leave Config.max_grad_norm None (or equal to it)")
+        if clip_grad <= 0:
+            return 1.0
+        loss_scale = float(getattr(self.zero, "loss_scale", 1.0))
+        total = self._deepspeed_norm()
+        # DeepSpeed's unscale_and_clip_grads, operation for operation: the same factor, bit for bit
+        ratio = torch.clamp(((total / loss_scale) + 1e-6) / clip_grad, min=1.0)
+        inv = 1. / (ratio * loss_scale)
+        with torch.no_grad():
+            for sh in shards.values():
+                sh.grad.mul_(inv)
+        return float(inv)
+
+    # ---------------------------------------------------------------- target pass
+    def _sync_forward_params(self):
+        """Make the parameters engine.module's forward reads equal the (shifted) fp32 master values; returns
+        a restore function, or None when nothing differs on any rank (no shift)."""
+        z = self.zero
+        if self.stage == 3:
+            z._partition_all_parameters()  # as DeepSpeed's step does first: no stale gathered copy is read
+            pairs = []
+            for p in self.params:
+                sub, offset, num = z.grad_position[z.get_param_id(p)]
+                pairs.append((p, z.fp32_partitioned_groups_flat[sub].narrow(0, offset, num)))
+            differs = any(not torch.equal(hp.to(p.ds_tensor.dtype), p.ds_tensor.data.view(-1)) for p, hp in pairs)
+        else:
+            pairs = []
+            for i, parts in enumerate(z.parallel_partitioned_bit16_groups):
+                r = dist.get_rank(group=z.real_dp_process_group[i])
+                pairs.append((parts[r], z.single_partition_of_fp32_groups[i]))
+            differs = any(not torch.equal(hp.to(lp.dtype), lp) for lp, hp in pairs)
+        flag = torch.tensor([1 if differs else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not int(flag):
+            return None
+        with torch.no_grad():
+            if self.stage == 3:
+                saved = [p.ds_tensor.data.clone() for p, _ in pairs]
+                for p, hp in pairs:
+                    p.ds_tensor.data.view(-1).copy_(hp)
+                persistent = [p for p in z.persistent_parameters]
+                saved_full = [p.data.clone() for p in persistent]
+                if persistent:  # full copies on every rank: gather them as DeepSpeed does after its step
+                    persistent[0].all_gather(persistent)
+
+                def restore():
+                    z._partition_all_parameters()
+                    with torch.no_grad():
+                        for (p, _), s in zip(pairs, saved):
+                            p.ds_tensor.data.copy_(s)
+                        for p, s in zip(persistent, saved_full):
+                            p.data.copy_(s)
+            else:
+                saved = [flat.clone() for flat in z.bit16_groups_flat]
+                z.update_lp_params()  # master -> bit16 partition, then DeepSpeed's own all-gather
+
+                def restore():
+                    with torch.no_grad():
+                        for flat, s in zip(z.bit16_groups_flat, saved):
+                            flat.copy_(s)
+        return restore
+
+    def target_gradients(self, evaluate, params, dtype, split: bool = False):
+        restore = self._sync_forward_params()
+        try:
+            value = evaluate()  # engine.module(...): DeepSpeed's training state is not touched
+            K = value.numel()
+            grads = [[] for _ in params]
+            for k in range(K):
+                # ZeRO-3 releases each layer after its backward and does not re-gather it for a second
+                # backward through a retained graph: one forward per target there
+                v = value if k == 0 or self.stage != 3 else evaluate()
+                gk = torch.autograd.grad(v[k], params, retain_graph=self.stage != 3 and k < K - 1,
+                                         allow_unused=True)
+                for acc, g, p in zip(grads, gk, params):
+                    if g is None:
+                        acc.append(None)
+                        continue
+                    g = g.detach().reshape(-1)
+                    if g.numel() != self._full_numel(p):
+                        raise RuntimeError(f"target gradient of size {g.numel()} for a parameter of "
+                                           f"{self._full_numel(p)} elements")
+                    if split:  # each rank evaluated its share: average the full gradient over ranks
+                        g = self.all_reduce_sum(g.to(dtype).clone()) / self.world_size
+                    start, n = self._owned_range(p)
+                    acc.append(g.narrow(0, start, n).to(dtype).clone())
+            h = [None if any(x is None for x in g) else torch.stack(g) for g in grads]
+            value = value.detach()
+            if split:
+                value = self.all_reduce_sum(value.clone()) / self.world_size
+        finally:
+            if restore is not None:
+                restore()
+        return h, value
+
+    # ---------------------------------------------------------------- communication
+    def _count(self, t: torch.Tensor) -> None:
+        self.bytes_sent = getattr(self, "bytes_sent", 0) + t.numel() * t.element_size()
+
+    def gather(self, shard: Shard, owned: torch.Tensor) -> torch.Tensor:
+        """[K, owned] -> [K, *full shape]: the owner broadcasts when one rank owns the whole parameter,
+        else a padded all-gather of every rank's range."""
+        p = shard.param
+        K = owned.shape[0]
+        ranges = self.ranges[id(p)]
+        numel = self._full_numel(p)
+        owners = [r for r, (_, n) in enumerate(ranges) if n > 0]
+        if len(owners) == 1 and ranges[owners[0]][1] == numel:
+            full = owned.contiguous() if self.rank == owners[0] else \
+                torch.empty(K, numel, dtype=owned.dtype, device=owned.device)
+            dist.broadcast(full, src=owners[0])
+            if self.rank == owners[0]:
+                self._count(full)
+            return full.reshape(K, *self._full_shape(p))
+        width = max(n for _, n in ranges)
+        padded = torch.zeros(K, width, dtype=owned.dtype, device=owned.device)
+        padded[:, :owned.shape[1]] = owned
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        self._count(padded)
+        full = torch.zeros(K, numel, dtype=owned.dtype, device=owned.device)
+        for (start, n), part in zip(ranges, parts):
+            full[:, start:start + n] = part[:, :n]
+        return full.reshape(K, *self._full_shape(p))
+
+    def owned(self, shard: Shard, full: torch.Tensor) -> torch.Tensor:
+        start, n = self._owned_range(shard.param)
+        return full.reshape(-1).narrow(0, start, n)

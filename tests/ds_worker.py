@@ -1,0 +1,122 @@
+"""One rank of the DeepSpeed tests (launched by tests/test_deepspeed.py with torchrun or mpiexec).
+
+For each requested ZeRO configuration it trains the tiny GPT-2 of tests/cases.py twice in this process:
+with shardshap.Attributor(ds_engine, None, ...) and plain (engine.backward / engine.step only), on the same
+global batches, and writes per-sample values, the full fp32 master parameters and Adam moments to
+<out>.<config>.rank<r>.npz (attributed) and <out>.<config>-plain.rank<r>.npz.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cases  # noqa: E402
+import shardshap  # noqa: E402
+from shardshap.backends import init_distributed, shutdown  # noqa: E402
+
+STEPS, GLOBAL_BATCH, MICRO, LR, CLIP = 4, 8, 2, 3e-3, 0.5  # the gradient norm is ~0.8: clipped
+CONFIGS = {  # name -> zero_optimization section
+    "z1": {"stage": 1},
+    "z2": {"stage": 2},
+    "z3": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "z3-persist": {"stage": 3},  # default threshold: the tiny model's parameters all stay persistent
+}
+
+
+def local_micro_batches(case, step, rank, world):
+    """This rank's share of the global batch of `step`, as MICRO micro-batches (rank r follows rank r-1)."""
+    (ids_, mask), sample_ids = case.batches(step)
+    per_rank = GLOBAL_BATCH // world
+    sl = slice(rank * per_rank, (rank + 1) * per_rank)
+    ids_, mask, sample_ids = ids_[sl], mask[sl], sample_ids[sl]
+    chunks = lambda t: list(t.chunk(MICRO))
+    return [tuple(x) for x in zip(chunks(ids_), chunks(mask))], chunks(sample_ids)
+
+
+def ds_config(zero: dict, world: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world // MICRO,
+        "gradient_accumulation_steps": MICRO,
+        "gradient_clipping": CLIP,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": 0.1, "torch_adam": True}},
+        "zero_optimization": zero,
+        "steps_per_print": 10 ** 9,
+    }
+
+
+def full_state(engine):
+    """Full fp32 master parameters and Adam moments (collectives: every rank, same order)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    out = {}
+    for name, p in engine.module.named_parameters():
+        out[name] = safe_get_full_fp32_param(p).detach().numpy().copy()
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{key}:{name}"] = safe_get_full_optimizer_state(p, key).detach().numpy().copy()
+    return out
+
+
+def run(config: str, attributed: bool, rank: int, world: int, out: str) -> dict:
+    import deepspeed
+    case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
+    engine, _, _, _ = deepspeed.initialize(model=case.model, model_parameters=case.model.parameters(),
+                                           config=ds_config(CONFIGS[config], world))
+    attr = shardshap.Attributor(engine, None, case.train_loss, case.target_loss,
+                                shardshap.Config(num_samples=64)) if attributed else None
+    ids_out, scores_out, clips, seconds, sent = [], [], [], [], []
+    for step in range(STEPS):
+        micro, micro_ids = local_micro_batches(case, step, rank, world)
+        t0 = time.perf_counter()
+        if attr is None:
+            for mb in micro:
+                engine.backward(case.train_loss(engine, mb).mean())
+                engine.step()
+        else:
+            res = attr.step(micro, micro_ids, None)
+            ids_out.append(res.sample_ids.numpy())
+            scores_out.append(res.scores.numpy())
+            clips.append(res.clip_factor)
+            sent.append(res.metadata.get("bytes_sent", -1))
+        seconds.append(time.perf_counter() - t0)
+    state = full_state(engine)
+    tag = f"{out}.{config}{'' if attributed else '-plain'}.rank{rank}"
+    if attributed:
+        np.savez(tag + ".npz", ids=np.stack(ids_out), scores=np.stack(scores_out), clip=np.array(clips),
+                 engine_norm=np.array([engine.get_global_grad_norm() or 0.0]), **state)
+        attr.close()
+    else:
+        np.savez(tag + ".npz", **state)
+    info = {"config": config, "attributed": attributed, "seconds": seconds, "bytes_sent": sent,
+            "engine": type(attr.engine).__name__ if attr else None}
+    engine.destroy()
+    return info
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--configs", default="z1,z2,z3")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain DeepSpeed reference runs")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rank, world = init_distributed("gloo")  # torchrun, deepspeed launcher or mpiexec
+    import deepspeed
+    deepspeed.init_distributed("gloo")      # picks up the existing process group
+    for config in args.configs.split(","):
+        for attributed in ([True] if args.no_plain else [True, False]):
+            info = run(config, attributed, rank, world, args.out)
+            if rank == 0:
+                print("DSINFO " + json.dumps(info), flush=True)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

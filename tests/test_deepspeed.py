@@ -1,0 +1,120 @@
+"""DeepSpeed ZeRO-1/2/3 on 2 real CPU processes (gloo): per-sample values equal a single plain-torch process on
+the same global batches, the trained parameters equal it to float rounding, and training is bit-identical to
+the same DeepSpeed run without attribution. One torchrun runs every configuration (DeepSpeed start-up is the
+slow part); one mpiexec run checks the MPI bootstrap."""
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+import cases  # noqa: E402
+import shardshap  # noqa: E402
+from ds_worker import CLIP, CONFIGS, GLOBAL_BATCH, LR, STEPS, local_micro_batches  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "ds_worker.py")
+BIN = os.path.dirname(sys.executable)
+TORCHRUN_CONFIGS = ["z1", "z2", "z3", "z3-persist"]
+
+
+@functools.lru_cache(maxsize=1)
+def single_process_reference():
+    """Plain torch, one process, the same global batches (rank 0's micro-batches, then rank 1's); the clip
+    threshold equals the DeepSpeed config's gradient_clipping."""
+    case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
+    opt = torch.optim.AdamW(case.model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
+                                shardshap.Config(max_grad_norm=CLIP))
+    values, clips = [], []
+    for step in range(STEPS):
+        micro, ids = [], []
+        for r in range(2):
+            m, i = local_micro_batches(case, step, r, 2)
+            micro += m
+            ids += i
+        out = attr.step(micro, ids, None)
+        values.append(dict(zip(out.sample_ids.tolist(), out.scores.numpy())))
+        clips.append(out.clip_factor)
+    state = {n: p.detach().numpy().copy() for n, p in case.model.named_parameters()}
+    for n, p in case.model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[f"{key}:{n}"] = opt.state[p][key].numpy().copy()
+    return values, clips, state
+
+
+def launch(cmd, timeout=400):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", DS_ACCELERATOR="cpu")
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    infos = [json.loads(line[len("DSINFO "):]) for line in proc.stdout.splitlines() if line.startswith("DSINFO ")]
+    return proc, time.time() - t0, infos
+
+
+def check_values_and_parameters(prefix, config):
+    values, clips, state = single_process_reference()
+    for rank in range(2):
+        got = np.load(f"{prefix}.{config}.rank{rank}.npz")
+        assert got["ids"].shape == (STEPS, GLOBAL_BATCH // 2)
+        for step in range(STEPS):
+            ref = np.stack([values[step][int(i)] for i in got["ids"][step]])
+            scale = np.abs(np.stack(list(values[step].values()))).max()
+            err = np.abs(got["scores"][step] - ref).max() / scale
+            assert err <= 1e-5, f"{config} rank {rank} step {step}: relative error {err:.2e}"
+        # the clip factor DeepSpeed applied is the one a torch clip_grad_norm_ would (to float rounding)
+        np.testing.assert_allclose(got["clip"], clips, rtol=1e-5)
+        assert (got["clip"] < 1).any(), "the test should exercise clipping"
+        for name, ref in state.items():  # parameters and Adam moments: equal up to reduction order
+            np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-5, err_msg=f"{config} {name}")
+
+
+def check_training_unchanged(prefix, config):
+    for rank in range(2):
+        ours = np.load(f"{prefix}.{config}.rank{rank}.npz")
+        plain = np.load(f"{prefix}.{config}-plain.rank{rank}.npz")
+        for name in plain.files:
+            assert np.array_equal(ours[name], plain[name]), f"{config} rank {rank}: {name} differs from plain DeepSpeed"
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("ds") / "run")
+    cmd = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER, "--out", prefix,
+           "--configs", ",".join(TORCHRUN_CONFIGS)]
+    proc, seconds, infos = launch(cmd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for info in infos:
+        print(f"{info['config']} attributed={info['attributed']} step seconds {np.round(info['seconds'], 3).tolist()} "
+              f"shardshap bytes sent per step (rank 0) {info['bytes_sent']}")
+    print(f"torchrun total {seconds:.1f} s")
+    return prefix, infos
+
+
+@pytest.mark.parametrize("config", TORCHRUN_CONFIGS)
+def test_torchrun_matches_single_process(torchrun_run, config):
+    """ZeRO-1/2/3 (persistence threshold 0 and default), gradient accumulation 2, clipping from the DeepSpeed
+    config, torch AdamW: values and parameters as one plain process; training as plain DeepSpeed."""
+    prefix, infos = torchrun_run
+    assert any(i["config"] == config and i["engine"] == "DeepSpeedEngine" for i in infos)
+    check_values_and_parameters(prefix, config)
+    check_training_unchanged(prefix, config)
+
+
+@pytest.mark.skipif(shutil.which("mpiexec", path=BIN) is None, reason="mpiexec (mpich wheel) not installed")
+def test_mpiexec_zero2(tmp_path):
+    prefix = str(tmp_path / "mpi")
+    proc, _, _ = launch([os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, WORKER, "--out", prefix,
+                         "--configs", "z2", "--no-plain"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_values_and_parameters(prefix, "z2")
+
+
+def test_configs_cover_every_stage():
+    assert {c["stage"] for c in CONFIGS.values()} == {1, 2, 3}

@@ -70,6 +70,24 @@ def target_loss(model, targets):
     return seq_losses(model, targets).mean()
 
 
+def stdlib_corpus(vocab: int, T: int):
+    """Word-level tokens (the vocab-1 most frequent words and symbols, plus UNK) of the local Python
+    standard library's top-level sources, cut into sequences of T: real text with a natural spectrum, no
+    download. Returns (training sequences, held-out sequences from the last 5% of the stream)."""
+    import collections
+    import glob
+    import re
+    import sysconfig
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    words = re.findall(r"\w+|[^\w\s]", "\n".join(open(f, encoding="utf-8", errors="replace").read() for f in files))
+    ids = {w: i for i, (w, _) in enumerate(collections.Counter(words).most_common(vocab - 1))}
+    stream = torch.tensor([ids.get(w, vocab - 1) for w in words])
+    seqs = stream[: len(stream) // T * T].view(-1, T)
+    cut = int(0.95 * len(seqs))
+    g = torch.Generator().manual_seed(0)
+    return seqs[:cut][torch.randperm(cut, generator=g)], seqs[cut:]
+
+
 def make_workload(name: str, device, target_batch: int, seed: int = 0) -> Workload:
     from transformers import GPT2Config, GPT2LMHeadModel
     if name == "w1":
@@ -84,16 +102,8 @@ def make_workload(name: str, device, target_batch: int, seed: int = 0) -> Worklo
     model = GPT2LMHeadModel(GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **cfg)).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    V = cfg["vocab_size"]
-    g = torch.Generator().manual_seed(seed + 1)
-
-    def structured(n):  # repeated bigram structure so that training learns something
-        x = torch.randint(0, V, (n, T), generator=g)
-        x[:, 1::2] = (x[:, 0::2] * 3 + 1) % V
-        return x
-
-    corpus = structured(max(1024, 8 * b))
-    targets = structured(target_batch).to(device)
+    corpus, held_out = stdlib_corpus(cfg["vocab_size"], T)
+    targets = held_out[:target_batch].to(device)
 
     def batch(step):
         idx = (step * b + torch.arange(b)) % len(corpus)

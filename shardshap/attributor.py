@@ -283,9 +283,7 @@ class Attributor:
             metadata={"estimator": cfg.estimator, "order": cfg.order, "excluded": self.excluded,
                       "bytes_sent": engine.bytes_sent - bytes_before,
                       "cold_start": offset is not None, "product_rank": cfg.product_rank,
-                      **({"product_energy": self.capture.lowrank_info["energy"],
-                          "product_exact_layers": self.capture.lowrank_info["exact"]}
-                         if cfg.product_rank is not None else {})})
+                      **{f"product_{k}": v for k, v in self.capture.lowrank_info.items()}})
 
     def _target_gradients(self, targets, attributed, shards, frozen):
         """([K, owned numel] per attributed parameter, or None where no target depends on it), losses [K]."""

@@ -49,10 +49,11 @@ class Config:
         "None: exact products. An integer r: approximate each matrix weight's product vector W_k "
         "(nn.Linear, HF Conv1D) by rank r (randomized range finder: sketch r+8, one power iteration, "
         "truncated to r; once per step), so that products cost tokens*r*(d_in+d_out) instead of "
-        "tokens*d_in*d_out. Each layer's kept energy ||W_r||/||W|| is in the step metadata; a layer below "
-        "0.95, or one where rank r saves nothing, uses exact products. Embeddings, norms and biases stay "
-        "exact. Training is unchanged; only the values are approximate (Pearson R >= 0.9999 vs exact at "
-        "r=16 in calibration).")})
+        "tokens*d_in*d_out. A layer whose kept energy ||W_r||/||W|| is below 0.95 retries at rank 2r, 4r, "
+        "... while that still saves work, else uses exact products; layers where rank r saves nothing stay "
+        "exact. The step metadata has product_energy, product_layer_rank and product_exact_layers. "
+        "Embeddings, norms and biases stay exact. Training is unchanged; only the values are approximate "
+        "(Pearson R >= 0.9999 vs exact at r=16 in calibration).")})
     preset: Optional[str] = field(default=None, metadata={"help": (
         "A named set of field values: 'exact' (the reference: product_rank=None) or 'fast' (product_rank=16: "
         "the fastest configuration measured to keep Pearson R >= 0.99 against exact values; "

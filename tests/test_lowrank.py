@@ -82,7 +82,8 @@ def test_capture_with_rank_at_least_the_true_rank_is_exact():
     exact, _ = products(model, W, None)
     W_copy = {k: v.clone() for k, v in W.items()}
     approx, info = products(model, W_copy, rank=4)
-    assert set(info["energy"]) == {"fc.weight", "conv.weight", "head.weight"} and not info["exact"]
+    assert set(info["energy"]) == {"fc.weight", "conv.weight", "head.weight"} and not info["exact_layers"]
+    assert set(info["layer_rank"].values()) == {4}
     assert all(abs(v - 1) < 1e-9 for v in info["energy"].values())
     for name in exact:
         torch.testing.assert_close(approx[name], exact[name], rtol=1e-8, atol=1e-10)
@@ -97,12 +98,24 @@ def test_low_energy_layers_fall_back_to_exact():
     exact, _ = products(model, W, None)
     W_copy = {k: v.clone() for k, v in W.items()}
     approx, info = products(model, W_copy, rank=2)
-    assert sorted(info["exact"]) == ["conv.weight", "head.weight"]
+    assert sorted(info["exact_layers"]) == ["conv.weight", "head.weight"]
+    assert info["layer_rank"] == {"fc.weight": 2}
     assert info["energy"]["conv.weight"] < MIN_ENERGY and info["energy"]["fc.weight"] > 0.999
     params = dict(model.named_parameters())
     for name in ("conv.weight", "head.weight"):
         assert torch.equal(approx[name], exact[name])
         assert torch.equal(W_copy[id(params[name])], W[id(params[name])])
+    torch.testing.assert_close(approx["fc.weight"], exact["fc.weight"], rtol=1e-8, atol=1e-10)
+
+
+def test_low_energy_layers_raise_the_rank_first():
+    model = Net().to(DT)
+    W = {id(p): torch.randn(1, *p.shape, dtype=DT) for p in model.parameters()}
+    W[id(model.fc.weight)] = low_rank(1, 64, 64, rank=6)  # rank 2 and 4 keep < 0.95 of it, rank 8 all
+    exact, _ = products(model, W, None)
+    approx, info = products(model, {k: v.clone() for k, v in W.items()}, rank=2)
+    assert info["layer_rank"] == {"fc.weight": 8} and info["energy"]["fc.weight"] > 1 - 1e-9
+    assert sorted(info["exact_layers"]) == ["conv.weight", "head.weight"]  # full rank: tried up to 16, then exact
     torch.testing.assert_close(approx["fc.weight"], exact["fc.weight"], rtol=1e-8, atol=1e-10)
 
 

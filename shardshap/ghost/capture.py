@@ -116,21 +116,16 @@ class Capture:
         self._handles = []
         self.lowrank_info: dict = {}  # set by products(rank=...): per-layer energy, exact fallbacks
         for am in plan_.modules:
-            self._handles.append(am.module.register_forward_pre_hook(self._pre_hook(am)))
             self._handles.append(am.module.register_forward_hook(self._hook(am)))
-
-    def _pre_hook(self, am: AttributedModule):
-        def hook(module, args):
-            if self._batch_size is None:
-                return None
-            return am.rule.prepare_input(module, args, self._batch_size)
-        return hook
 
     def _hook(self, am: AttributedModule):
         def hook(module, args, output):
             if self._batch_size is None:
-                return
+                return None
             a = args[0]
+            expanded = am.rule.per_sample_view(module, args, output, self._batch_size)
+            if expanded is not None:
+                a, output = expanded
             if a.dim() == 0 or a.shape[0] != self._batch_size:
                 raise BatchShapeError(
                     f"module {am.name!r} ({type(module).__name__}) was called with an input of shape "
@@ -142,6 +137,7 @@ class Capture:
             self.calls[am.name].append(call)
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(lambda g, call=call: setattr(call, "e", g.detach()))
+            return output if expanded is not None else None
         return hook
 
     @contextmanager
@@ -200,26 +196,32 @@ class Capture:
         return out
 
     def _factorize(self, W, rank, names) -> dict[int, tuple[Rule, Factors]]:
-        """Low-rank factors of the matrix weights where they save work and keep >= MIN_ENERGY."""
-        found = {}
+        """Low-rank factors of the matrix weights. A layer below MIN_ENERGY at rank r retries at 2r, 4r, ...
+        while that still saves work, and takes exact products if none reaches it."""
+        todo = {}
         for am in self.plan.modules:
             p = am.params.get("weight")
             as_matrix = getattr(am.rule, "weight_matrix", None)  # [K, dout, din] view (Linear, Conv1D)
-            if p is None or as_matrix is None or id(p) in found:
-                continue
-            M = as_matrix(W[id(p)])
-            if worth_it(M.shape[1], M.shape[2], rank):
-                found[id(p)] = (am.rule, factorize(M, rank))
-        energies = torch.stack([f.energy.min() for _, f in found.values()]).tolist() if found else []
-        self.lowrank_info = {"energy": {}, "exact": []}
-        used = {}
-        for (pid, (rule, f)), energy in zip(found.items(), energies):
-            self.lowrank_info["energy"][names[pid]] = energy
-            if energy < MIN_ENERGY:
-                self.lowrank_info["exact"].append(names[pid])
-                continue
-            used[pid] = (rule, f)
-            W[pid] = rule.weight_matrix(f.dense())  # a transpose or the identity: its own inverse
+            if p is not None and as_matrix is not None and id(p) not in todo:
+                todo[id(p)] = (am.rule, as_matrix(W[id(p)]))
+        info = self.lowrank_info = {"energy": {}, "layer_rank": {}, "exact_layers": []}
+        used, r = {}, rank
+        while todo:
+            tried = {pid: (rule, factorize(M, r)) for pid, (rule, M) in todo.items()
+                     if worth_it(M.shape[1], M.shape[2], r)}
+            energies = torch.stack([f.energy.min() for _, f in tried.values()]).tolist() if tried else []
+            for (pid, (rule, f)), energy in zip(tried.items(), energies):  # one host sync per round
+                info["energy"][names[pid]], info["layer_rank"][names[pid]] = energy, r
+                if energy >= MIN_ENERGY:
+                    used[pid] = (rule, f)
+                    W[pid] = rule.weight_matrix(f.dense())  # a transpose or the identity: its own inverse
+                    del todo[pid]
+            for pid in [pid for pid in todo if pid not in tried]:  # rank r no longer saves work: exact
+                if names[pid] in info["energy"]:
+                    info["exact_layers"].append(names[pid])
+                    del info["layer_rank"][names[pid]]
+                del todo[pid]
+            r *= 2
         return used
 
     def sum_of_squares(self, wanted: set[int], batch_sizes: list[int], dtype: torch.dtype,

@@ -28,6 +28,10 @@ CONFIGS = {  # name -> zero_optimization section
     "z2": {"stage": 2},
     "z3": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "z3-persist": {"stage": 3},  # default threshold: the tiny model's parameters all stay persistent
+    # failed steps first (wrong micro-batch count, conflicting clip setting), then the normal run: the
+    # failures must leave DeepSpeed's accumulation state clean (values and training as z2 / z3)
+    "z2-recover": {"stage": 2},
+    "z3-recover": {"stage": 3, "stage3_param_persistence_threshold": 0},
 }
 
 
@@ -64,6 +68,24 @@ def full_state(engine):
     return out
 
 
+def fail_first_steps(engine, case, rank, world):
+    """Steps that must raise before DeepSpeed steps, and leave nothing behind."""
+    from shardshap.attributor import AttributionError
+    micro, micro_ids = local_micro_batches(case, 0, rank, world)
+    bad = shardshap.Attributor(engine, None, case.train_loss, case.target_loss,
+                               shardshap.Config(num_samples=64, max_grad_norm=2 * CLIP))
+    for args, message in [((micro[0], micro_ids[0], None), "gradient_accumulation_steps"),  # 1 micro-batch of 2
+                          ((micro, micro_ids, None), "gradient_clipping")]:  # fails after the boundary backward
+        try:
+            bad.step(*args)
+        except AttributionError as e:
+            assert message in str(e), e
+        else:
+            raise AssertionError("the step should have failed")
+    bad.close()
+    assert engine.global_steps == 0
+
+
 def run(config: str, attributed: bool, rank: int, world: int, out: str) -> dict:
     import deepspeed
     case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
@@ -71,6 +93,8 @@ def run(config: str, attributed: bool, rank: int, world: int, out: str) -> dict:
                                            config=ds_config(CONFIGS[config], world))
     attr = shardshap.Attributor(engine, None, case.train_loss, case.target_loss,
                                 shardshap.Config(num_samples=64)) if attributed else None
+    if attributed and config.endswith("-recover"):
+        fail_first_steps(engine, case, rank, world)
     ids_out, scores_out, clips, seconds, sent = [], [], [], [], []
     for step in range(STEPS):
         micro, micro_ids = local_micro_batches(case, step, rank, world)
@@ -111,7 +135,7 @@ def main():
     import deepspeed
     deepspeed.init_distributed("gloo")      # picks up the existing process group
     for config in args.configs.split(","):
-        for attributed in ([True] if args.no_plain else [True, False]):
+        for attributed in ([True] if args.no_plain or config.endswith("-recover") else [True, False]):
             info = run(config, attributed, rank, world, args.out)
             if rank == 0:
                 print("DSINFO " + json.dumps(info), flush=True)

@@ -22,7 +22,7 @@ from ds_worker import CLIP, CONFIGS, GLOBAL_BATCH, LR, STEPS, local_micro_batche
 
 WORKER = os.path.join(os.path.dirname(__file__), "ds_worker.py")
 BIN = os.path.dirname(sys.executable)
-TORCHRUN_CONFIGS = ["z1", "z2", "z3", "z3-persist"]
+TORCHRUN_CONFIGS = ["z1", "z2", "z3", "z3-persist", "z2-recover", "z3-recover"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,9 +76,10 @@ def check_values_and_parameters(prefix, config):
 
 
 def check_training_unchanged(prefix, config):
+    base = config.removesuffix("-recover")  # after failed steps: as plain training of the same stage
     for rank in range(2):
         ours = np.load(f"{prefix}.{config}.rank{rank}.npz")
-        plain = np.load(f"{prefix}.{config}-plain.rank{rank}.npz")
+        plain = np.load(f"{prefix}.{base}-plain.rank{rank}.npz")
         for name in plain.files:
             assert np.array_equal(ours[name], plain[name]), f"{config} rank {rank}: {name} differs from plain DeepSpeed"
 
@@ -100,7 +101,8 @@ def torchrun_run(tmp_path_factory):
 @pytest.mark.parametrize("config", TORCHRUN_CONFIGS)
 def test_torchrun_matches_single_process(torchrun_run, config):
     """ZeRO-1/2/3 (persistence threshold 0 and default), gradient accumulation 2, clipping from the DeepSpeed
-    config, torch AdamW: values and parameters as one plain process; training as plain DeepSpeed."""
+    config, torch AdamW: values and parameters as one plain process; training as plain DeepSpeed. The -recover
+    runs first fail two steps (AttributionError before DeepSpeed steps) and must then train identically."""
     prefix, infos = torchrun_run
     assert any(i["config"] == config and i["engine"] == "DeepSpeedEngine" for i in infos)
     check_values_and_parameters(prefix, config)

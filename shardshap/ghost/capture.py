@@ -116,21 +116,16 @@ class Capture:
         self._handles = []
         self.lowrank_info: dict = {}  # set by products(rank=...): per-layer energy, exact fallbacks
         for am in plan_.modules:
-            self._handles.append(am.module.register_forward_pre_hook(self._pre_hook(am)))
             self._handles.append(am.module.register_forward_hook(self._hook(am)))
-
-    def _pre_hook(self, am: AttributedModule):
-        def hook(module, args):
-            if self._batch_size is None:
-                return None
-            return am.rule.prepare_input(module, args, self._batch_size)
-        return hook
 
     def _hook(self, am: AttributedModule):
         def hook(module, args, output):
             if self._batch_size is None:
-                return
+                return None
             a = args[0]
+            expanded = am.rule.per_sample_view(module, args, output, self._batch_size)
+            if expanded is not None:
+                a, output = expanded
             if a.dim() == 0 or a.shape[0] != self._batch_size:
                 raise BatchShapeError(
                     f"module {am.name!r} ({type(module).__name__}) was called with an input of shape "
@@ -142,6 +137,7 @@ class Capture:
             self.calls[am.name].append(call)
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(lambda g, call=call: setattr(call, "e", g.detach()))
+            return output if expanded is not None else None
         return hook
 
     @contextmanager

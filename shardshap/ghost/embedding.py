@@ -16,12 +16,12 @@ class EmbeddingRule(Rule):
             raise NotImplementedError(f"{name}: Embedding(max_norm=...) renormalises its weight in the "
                                       "forward; per-sample products do not support it")
 
-    def prepare_input(self, module, args, batch_size):
-        # HF GPT-2 looks up positions with indices [1, T]: the gradient reaching the module would then be
-        # summed over the batch and the samples mixed (a 10% error, measured). Same values, per sample.
+    def per_sample_view(self, module, args, output, batch_size):
+        # HF GPT-2 looks up positions with indices [1, T]: the gradient reaching the module would be summed
+        # over the batch and the samples mixed (a 10% error, measured)
         idx = args[0]
         if batch_size > 1 and idx.dim() >= 1 and idx.shape[0] == 1:
-            return (idx.expand(batch_size, *idx.shape[1:]),) + tuple(args[1:])
+            return idx.expand(batch_size, *idx.shape[1:]), output.expand(batch_size, *output.shape[1:])
         return None
 
     @staticmethod

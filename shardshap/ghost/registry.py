@@ -20,8 +20,11 @@ class Rule:
     def validate(self, module: nn.Module, name: str) -> None:
         """Raise for module options the rule does not support (checked once, before training)."""
 
-    def prepare_input(self, module: nn.Module, args: tuple, batch_size: int) -> Optional[tuple]:
-        """Forward pre-hook during training forwards; may return replacement args (same values)."""
+    def per_sample_view(self, module: nn.Module, args: tuple, output, batch_size: int):
+        """For a module called once for the whole batch (leading dimension 1, broadcast by its consumer):
+        return (input, output) expanded to the batch, or None. The expanded output replaces the module's
+        output, so the gradient reaching the module is summed over the batch exactly as the broadcast
+        did (training unchanged), while its per-sample slices stay apart for the products."""
         return None
 
     def products(self, module: nn.Module, a: torch.Tensor, e: torch.Tensor,

@@ -227,17 +227,17 @@ class VmapBaseline:
 
     def __init__(self, model, opt):
         from torch.func import functional_call, grad, vmap
+        if hasattr(model, "set_attn_implementation"):  # sdpa's CPU backward has no vmap rule (a per-sample loop)
+            model.set_attn_implementation("eager")
         self.model, self.opt = model, opt
         self.rule = rule_for(opt)
         self.groups = {id(p): g for g in opt.param_groups for p in g["params"]}
-        names = [n for n, _ in model.named_parameters()]
         self.params = dict(model.named_parameters())
 
         def loss_i(params, x):  # one sample's loss, the same as seq_losses for a batch of one
             logits = functional_call(model, params, (), {"input_ids": x.unsqueeze(0)}).logits[0, :-1]
             return F.cross_entropy(logits, x[1:])
         self.per_sample = vmap(grad(loss_i), in_dims=(None, 0))
-        self.names = names
 
     def step(self, x, targets):
         opt, b = self.opt, x.shape[0]

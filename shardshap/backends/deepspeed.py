@@ -276,6 +276,7 @@ class DeepSpeedEngine(Engine):
             differs = any(not torch.equal(hp.to(lp.dtype), lp) for lp, hp in pairs)
         flag = torch.tensor([1 if differs else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._count(flag)
         if not int(flag):
             return None
         with torch.no_grad():
@@ -287,6 +288,8 @@ class DeepSpeedEngine(Engine):
                 saved_full = [p.data.clone() for p in persistent]
                 if persistent:  # full copies on every rank: gather them as DeepSpeed does after its step
                     persistent[0].all_gather(persistent)
+                    for p in persistent:
+                        self._count(p.ds_tensor)
 
                 def restore():
                     z._partition_all_parameters()
@@ -298,6 +301,8 @@ class DeepSpeedEngine(Engine):
             else:
                 saved = [flat.clone() for flat in z.bit16_groups_flat]
                 z.update_lp_params()  # master -> bit16 partition, then DeepSpeed's own all-gather
+                for lp, _ in pairs:
+                    self._count(lp)
 
                 def restore():
                     with torch.no_grad():

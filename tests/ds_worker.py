@@ -32,6 +32,7 @@ CONFIGS = {  # name -> zero_optimization section
     # failures must leave DeepSpeed's accumulation state clean (values and training as z2 / z3)
     "z2-recover": {"stage": 2},
     "z3-recover": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "z2-fused": {"stage": 2},  # DeepSpeed's FusedAdam (torch_adam false) instead of torch AdamW
 }
 
 
@@ -45,13 +46,13 @@ def local_micro_batches(case, step, rank, world):
     return [tuple(x) for x in zip(chunks(ids_), chunks(mask))], chunks(sample_ids)
 
 
-def ds_config(zero: dict, world: int) -> dict:
+def ds_config(zero: dict, world: int, torch_adam: bool = True) -> dict:
     return {
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world // MICRO,
         "gradient_accumulation_steps": MICRO,
         "gradient_clipping": CLIP,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": 0.1, "torch_adam": True}},
+                                                  "weight_decay": 0.1, "torch_adam": torch_adam}},
         "zero_optimization": zero,
         "steps_per_print": 10 ** 9,
     }
@@ -90,7 +91,7 @@ def run(config: str, attributed: bool, rank: int, world: int, out: str) -> dict:
     import deepspeed
     case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
     engine, _, _, _ = deepspeed.initialize(model=case.model, model_parameters=case.model.parameters(),
-                                           config=ds_config(CONFIGS[config], world))
+                                           config=ds_config(CONFIGS[config], world, torch_adam=not config.endswith("-fused")))
     attr = shardshap.Attributor(engine, None, case.train_loss, case.target_loss,
                                 shardshap.Config(num_samples=64)) if attributed else None
     if attributed and config.endswith("-recover"):

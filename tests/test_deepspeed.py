@@ -22,7 +22,7 @@ from ds_worker import CLIP, CONFIGS, GLOBAL_BATCH, LR, STEPS, local_micro_batche
 
 WORKER = os.path.join(os.path.dirname(__file__), "ds_worker.py")
 BIN = os.path.dirname(sys.executable)
-TORCHRUN_CONFIGS = ["z1", "z2", "z3", "z3-persist", "z2-recover", "z3-recover"]
+TORCHRUN_CONFIGS = ["z1", "z2", "z3", "z3-persist", "z2-recover", "z3-recover", "z2-fused"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -102,7 +102,8 @@ def torchrun_run(tmp_path_factory):
 def test_torchrun_matches_single_process(torchrun_run, config):
     """ZeRO-1/2/3 (persistence threshold 0 and default), gradient accumulation 2, clipping from the DeepSpeed
     config, torch AdamW: values and parameters as one plain process; training as plain DeepSpeed. The -recover
-    runs first fail two steps (AttributionError before DeepSpeed steps) and must then train identically."""
+    runs first fail two steps (AttributionError before DeepSpeed steps) and must then train identically;
+    z2-fused uses DeepSpeed's FusedAdam (same update map as torch AdamW)."""
     prefix, infos = torchrun_run
     assert any(i["config"] == config and i["engine"] == "DeepSpeedEngine" for i in infos)
     check_values_and_parameters(prefix, config)

@@ -56,7 +56,8 @@ class ConvRule(Rule):
         b = cols.shape[0]
         out = {}
         if "weight" in names:
-            out["weight"] = torch.einsum("bgol,bgil->bgoi", eg, cols).reshape(b, *module.weight.shape)
+            shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+            out["weight"] = torch.einsum("bgol,bgil->bgoi", eg, cols).reshape(b, *shape)
         if "bias" in names:
             out["bias"] = eg.sum(-1).reshape(b, -1)
         return out

@@ -85,8 +85,9 @@ class HFRMSNormRule(Rule):
         # HF normalises in float32 whatever the model dtype; mirror it so products stay exact
         return rms_normalize(a.float(), 1, float(eps)).to(a.dtype)
 
+    # sizes come from the input: a partitioned weight (ZeRO-3) is empty outside its forward
     def products(self, module, a, e, W):
-        return _affine_products(self._xhat(module, a), e, W, module.weight.numel())
+        return _affine_products(self._xhat(module, a), e, W, a.shape[-1])
 
     def per_sample_grads(self, module, a, e, names):
-        return _affine_grads(self._xhat(module, a), e, names, tuple(module.weight.shape))
+        return _affine_grads(self._xhat(module, a), e, names, (a.shape[-1],))

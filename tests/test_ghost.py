@@ -7,7 +7,15 @@ from torch import nn
 import cases
 from shardshap.ghost import Capture, UnsupportedModule, plan
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These checks run in float64; restore the default so other test modules are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def sum_sq_and_reference(model, loss_fn, micro_batches):

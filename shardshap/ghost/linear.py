@@ -56,7 +56,7 @@ def weight_products(a3, e3, Ww):
 class LinearRule(Rule):
     @staticmethod
     def weight_matrix(Ww):
-        """[K, dout, din] view of W["weight"] (for low-rank factorisation)."""
+        """[K, dout, din] view of W["weight"] (its own inverse: also maps back)."""
         return Ww
 
     def products(self, module, a, e, W):
@@ -64,7 +64,8 @@ class LinearRule(Rule):
         e3 = e.reshape(e.shape[0], -1, e.shape[-1])
         out = {}
         if "weight" in W:
-            out["weight"] = weight_products(a3, e3, W["weight"])
+            Ww = W["weight"]
+            out["weight"] = weight_products(a3, e3, Ww if isinstance(Ww, Factors) else self.weight_matrix(Ww))
         if "bias" in W:
             out["bias"] = bias_products(e3, W["bias"])
         return out
@@ -72,7 +73,7 @@ class LinearRule(Rule):
     def per_sample_grads(self, module, a, e, names):
         a3 = a.reshape(a.shape[0], -1, a.shape[-1])
         e3 = e.reshape(e.shape[0], -1, e.shape[-1])
-        out = {"weight": torch.einsum("bto,bti->boi", e3, a3)} if "weight" in names else {}
+        out = {"weight": self.weight_matrix(torch.einsum("bto,bti->boi", e3, a3))} if "weight" in names else {}
         if "bias" in names:
             out["bias"] = e3.sum(1)
         return out
@@ -84,28 +85,9 @@ def _is_hf_conv1d(module) -> bool:
 
 
 @register(match=_is_hf_conv1d)
-class HFConv1DRule(Rule):
+class HFConv1DRule(LinearRule):
     """transformers.pytorch_utils.Conv1D: y = x @ weight + bias with weight [din, dout]."""
 
     @staticmethod
     def weight_matrix(Ww):
         return Ww.transpose(1, 2)
-
-    def products(self, module, a, e, W):
-        a3 = a.reshape(a.shape[0], -1, a.shape[-1])
-        e3 = e.reshape(e.shape[0], -1, e.shape[-1])
-        out = {}
-        if "weight" in W:
-            Ww = W["weight"]
-            out["weight"] = weight_products(a3, e3, Ww if isinstance(Ww, Factors) else Ww.transpose(1, 2))
-        if "bias" in W:
-            out["bias"] = bias_products(e3, W["bias"])
-        return out
-
-    def per_sample_grads(self, module, a, e, names):
-        a3 = a.reshape(a.shape[0], -1, a.shape[-1])
-        e3 = e.reshape(e.shape[0], -1, e.shape[-1])
-        out = {"weight": torch.einsum("bti,bto->bio", a3, e3)} if "weight" in names else {}
-        if "bias" in names:
-            out["bias"] = e3.sum(1)
-        return out

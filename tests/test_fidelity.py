@@ -33,27 +33,24 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_secant_fidelity_adamw_warm(name):
-    make, lr = CASES[name]
-    case = make()
-    opt = torch.optim.AdamW(case.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+WARM_RUNS = {  # (case, optimizer label, optimizer factory)
+    **{f"{name}-adamw": (name, "AdamW", lambda p, lr=lr: torch.optim.AdamW(p, lr=lr, betas=(0.9, 0.95),
+                                                                         weight_decay=0.1))
+       for name, (_, lr) in CASES.items()},
+    "mlp-digits-sgd-momentum": ("mlp-digits", "SGD momentum 0.9",
+                                lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9, weight_decay=1e-3)),
+}
+
+
+@pytest.mark.parametrize("run", list(WARM_RUNS))
+def test_secant_fidelity_warm(run):
+    name, label, make_opt = WARM_RUNS[run]
+    case = CASES[name][0]()
+    opt = make_opt(case.model.parameters())
     train_plain(case, opt, WARM)
     b, ids = case.batches(WARM)
     orc, results = compare_estimators(case.model, opt, case.train_loss, case.target_loss, b, ids, None)
-    report(f"{name}, AdamW, step {WARM + 1}, |B| = {len(ids)}", results)
-    secant = next(r for r in results if r.name == "secant/2")
-    assert min(secant.pearson) >= 0.999, secant.pearson
-    assert max(secant.efficiency_gap) <= 0.01, secant.efficiency_gap
-
-
-def test_secant_fidelity_sgd_momentum():
-    case = cases.digits_mlp(batch_size=10)
-    opt = torch.optim.SGD(case.model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-3)
-    train_plain(case, opt, WARM)
-    b, ids = case.batches(WARM)
-    orc, results = compare_estimators(case.model, opt, case.train_loss, case.target_loss, b, ids, None)
-    report(f"mlp-digits, SGD momentum 0.9, step {WARM + 1}", results)
+    report(f"{name}, {label}, step {WARM + 1}, |B| = {len(ids)}", results)
     secant = next(r for r in results if r.name == "secant/2")
     assert min(secant.pearson) >= 0.999, secant.pearson
     assert max(secant.efficiency_gap) <= 0.01, secant.efficiency_gap

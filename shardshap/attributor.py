@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -68,6 +69,28 @@ def _micro_batches(batch, sample_ids):
                                    f"dtype {t.dtype} and shape {tuple(t.shape)}")
         ids.append(t.to(torch.int64))
     return micro, ids
+
+
+class _FullW(Mapping):
+    """id(param) -> full W [K, *shape], gathered from the ranks' owned elements each time it is read.
+
+    Capture.products reads one module's entries at a time, so under FSDP2/ZeRO-3 only that module's W is
+    ever whole on a rank (bounded memory); every rank reads in the same module order (collectives)."""
+
+    def __init__(self, engine, shards, owned, params, K, dtype):
+        self.engine, self.shards, self.owned, self.params, self.K, self.dtype = engine, shards, owned, params, K, dtype
+
+    def __getitem__(self, pid):
+        if self.owned[pid] is None:
+            p = self.params[pid]
+            return torch.zeros(self.K, *p.shape, dtype=self.dtype, device=p.device)
+        return self.engine.gather(self.shards[pid], self.owned[pid])
+
+    def __iter__(self):
+        return iter(self.owned)
+
+    def __len__(self):
+        return len(self.owned)
 
 
 class Attributor:
@@ -260,17 +283,18 @@ class Attributor:
 
         K = target_loss.numel()
         offset = self._cold_start(shards, frozen, attributed, h, sizes, clip)
-        W = {}
+        owned = {}  # W on this rank's elements: [K, owned numel] (None: not moved, or no target uses it)
         for p, hp in zip(attributed, h):
-            if id(p) in shards and hp is not None:  # gathered to full shape (products need all of W)
-                W[id(p)] = engine.gather(shards[id(p)], frozen[id(p)].multiplier.unsqueeze(0) * hp)
-            else:  # not moved this step, or no target depends on it
-                W[id(p)] = torch.zeros(K, *p.shape, dtype=dtype, device=p.device)
+            moved = id(p) in shards and hp is not None
+            owned[id(p)] = frozen[id(p)].multiplier.unsqueeze(0) * hp if moved else None
+        W = _FullW(engine, shards, owned, {id(p): p for p in attributed}, K, dtype)
+        if cfg.product_rank is not None or not engine.partitioned:
+            W = {pid: W[pid] for pid in owned}  # low rank factorises every layer up front: materialise
         per_param = self.capture.products(W, sizes, dtype, rank=cfg.product_rank)  # low rank: W becomes W_r
         if self.engine.distributed:  # DDP averages gradients: each sample's share of the global gradient
             per_param = {name: v / self.engine.world_size for name, v in per_param.items()}
         if cfg.check_completeness:
-            self._check_completeness(per_param, W, shards, clip)
+            self._check_completeness(per_param, W if isinstance(W, dict) else None, owned, shards, clip)
         scores = torch.stack(list(per_param.values())).sum(0) if per_param else torch.zeros(sum(sizes), K)
         if offset is not None:
             scores = scores + offset
@@ -378,13 +402,15 @@ class Attributor:
             return local
         return int(self.engine.all_reduce_sum(torch.tensor([local], dtype=torch.int64)).item())
 
-    def _check_completeness(self, per_param, W, shards, clip):
+    def _check_completeness(self, per_param, W, owned, shards, clip):
+        """`W`: the full vectors the products used (low rank may have replaced them), or None when they
+        were gathered on demand, in which case the owned elements `owned` are exactly them."""
         names = [n for n, p in self.plan.params.items() if id(p) in shards]
         # [params, 2, K]: per-sample sums and sums of magnitudes, added over ranks in one collective
         sums = self.engine.all_reduce_sum(torch.stack(
             [torch.stack([per_param[n].sum(0), per_param[n].abs().sum(0)]) for n in names]))
         expected = self.engine.reduce_partial(torch.stack([  # <batch gradient, W> on owned elements
-            (torch.stack([self.engine.owned(shards[id(p)], w) for w in W[id(p)]])
+            ((owned[id(p)] if W is None else torch.stack([self.engine.owned(shards[id(p)], w) for w in W[id(p)]]))
              * (shards[id(p)].grad.to(self.dtype) / clip)).sum(1)
             for p in (self.plan.params[n] for n in names)]))
         bad = []

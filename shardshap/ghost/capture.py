@@ -174,8 +174,9 @@ class Capture:
         for b in batch_sizes:
             offsets.append(offsets[-1] + b)
         names = {id(p): n for n, p in self.plan.params.items()}
-        K = next(iter(W.values())).shape[0]
-        device = next(iter(W.values())).device
+        first = next(iter(W.values()))  # W may gather on each read (FSDP2, ZeRO-3): read once
+        K, device = first.shape[0], first.device
+        del first
         out = {n: torch.zeros(offsets[-1], K, dtype=dtype, device=device) for n in self.plan.params}
         self.lowrank_info = {}
         factors = self._factorize(W, rank, names) if rank is not None else {}

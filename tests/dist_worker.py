@@ -48,14 +48,21 @@ def main():
             fully_shard(block, reshard_after_forward=reshard)
         model = fully_shard(case.model, reshard_after_forward=reshard)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    attr = shardshap.Attributor(model, opt, case.train_loss, case.target_loss,
+    train_loss = case.train_loss
+    if rank == 1 and args.fail_at_step >= 0:
+        calls = {"n": 0}
+
+        def train_loss(m, b):  # fails inside attr.step, in the first micro-batch of step fail_at_step
+            calls["n"] += 1
+            if calls["n"] > args.fail_at_step * MICRO:
+                raise RuntimeError("injected failure on rank 1")
+            return case.train_loss(m, b)
+    attr = shardshap.Attributor(model, opt, train_loss, case.target_loss,
                                 shardshap.Config(max_grad_norm=1.0, num_samples=64, cold_steps=args.cold_steps),
                                 store=args.store)
     ids_out, scores_out = [], []
     for step in range(STEPS):
         micro, micro_ids = local_micro_batches(case, step, rank, world)
-        if step == args.fail_at_step and rank == 1:
-            raise RuntimeError("injected failure on rank 1")
         if args.plain:
             opt.zero_grad()
             n = sum(len(i) for i in micro_ids)

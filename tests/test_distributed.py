@@ -98,6 +98,7 @@ def test_rank_failure_ends_the_job_and_keeps_flushed_steps(tmp_path):
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
     assert seconds < 200
+    # rank 1 raised inside attr.step of step 2 (rank 0 was left waiting in a collective);
     # the checkpoint after step 1 flushed both ranks: rebuilt totals hold exactly steps 0 and 1
     from shardshap.store import open_scores, reduce_store
     reduce_store(store)

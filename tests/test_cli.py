@@ -1,7 +1,6 @@
 """The `shardshap` CLI on a store written by a real attributed run (digits MLP with a label-noise 'junk'
 domain): numbers checked against values accumulated independently from the run's step results."""
 import json
-import os
 import subprocess
 import sys
 

@@ -12,7 +12,7 @@ import torch
 
 import cases
 import shardshap
-from dist_worker import GLOBAL_BATCH, MICRO, STEPS, local_micro_batches
+from dist_worker import GLOBAL_BATCH, STEPS, local_micro_batches
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
 BIN = os.path.dirname(sys.executable)

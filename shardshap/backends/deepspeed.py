@@ -94,7 +94,6 @@ class DeepSpeedEngine(Engine):
         self.ranges = {id(p): [everyone[r][j] for r in range(self.world_size)] for j, p in enumerate(self.params)}
 
     def _init_zero3(self):
-        z = self.zero
         for p in self.params:
             if not hasattr(p, "ds_id"):
                 raise TypeError("ZeRO-3 engine with a parameter that DeepSpeed did not partition")

@@ -1,7 +1,6 @@
 """torch.optim.Adam / AdamW: bias correction, eps, L2 or decoupled weight decay, amsgrad, maximize."""
 from __future__ import annotations
 
-import math
 
 import torch
 

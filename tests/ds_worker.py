@@ -19,10 +19,11 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cases  # noqa: E402
+from dist_worker import GLOBAL_BATCH, MICRO, local_micro_batches  # noqa: E402  (the DDP/FSDP2 split)
 import shardshap  # noqa: E402
 from shardshap.backends import init_distributed, shutdown  # noqa: E402
 
-STEPS, GLOBAL_BATCH, MICRO, LR, CLIP = 4, 8, 2, 3e-3, 0.5  # the gradient norm is ~0.8: clipped
+STEPS, LR, CLIP = 4, 3e-3, 0.5  # the gradient norm is ~0.8: clipped
 CONFIGS = {  # name -> zero_optimization section
     "z1": {"stage": 1},
     "z2": {"stage": 2},
@@ -34,16 +35,6 @@ CONFIGS = {  # name -> zero_optimization section
     "z3-recover": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "z2-fused": {"stage": 2},  # DeepSpeed's FusedAdam (torch_adam false) instead of torch AdamW
 }
-
-
-def local_micro_batches(case, step, rank, world):
-    """This rank's share of the global batch of `step`, as MICRO micro-batches (rank r follows rank r-1)."""
-    (ids_, mask), sample_ids = case.batches(step)
-    per_rank = GLOBAL_BATCH // world
-    sl = slice(rank * per_rank, (rank + 1) * per_rank)
-    ids_, mask, sample_ids = ids_[sl], mask[sl], sample_ids[sl]
-    chunks = lambda t: list(t.chunk(MICRO))
-    return [tuple(x) for x in zip(chunks(ids_), chunks(mask))], chunks(sample_ids)
 
 
 def ds_config(zero: dict, world: int, torch_adam: bool = True) -> dict:

@@ -53,6 +53,9 @@ class AdamRule(OptimizerRule):
         return D
 
     def step_map(self, param, grad, group, state, dtype) -> StepMap:
+        lr, b1, b2, eps, wd, t, decoupled = self._hyper(param, group, state)
+        if (decoupled or wd == 0) and not group.get("amsgrad", False):
+            return self._step_map_fused(param, grad, group, state, dtype)
         lr, b1, b2, eps, bc1, bc2, m, v, vmax, u0, decay, sign = self._frozen(param, group, state, dtype)
         g = grad.detach().to(dtype)
         u1 = u0 + sign * g
@@ -76,6 +79,33 @@ class AdamRule(OptimizerRule):
         curve = torch.where(rsum > 0, mhat0 * (1 - b2) * (u0 + u1) / (bc2 * torch.where(rsum > 0, rsum, 1.0) * a0 * a1),
                             torch.zeros_like(g))
         slope = -lr * sign * ((1 - b1) / (bc1 * a1) - curve)
+        return StepMap(d0=d0, slope=slope)
+
+    def _step_map_fused(self, param, grad, group, state, dtype) -> StepMap:
+        """The closed-form secant below for the common case (AdamW or no weight decay, no amsgrad: the
+        optimizer input at G = 0 is 0), in about 15 in-place passes instead of 40: these elementwise
+        passes over every parameter were ~9% of an attributed step."""
+        lr, b1, b2, eps, wd, t, decoupled = self._hyper(param, group, state)
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        sign = -1.0 if group.get("maximize", False) else 1.0
+        g = grad.detach().to(dtype)
+        if "exp_avg" not in state:  # before the first step m = v = 0
+            m = v = torch.zeros_like(g)
+        else:
+            m, v = state["exp_avg"].detach().to(dtype), state["exp_avg_sq"].detach().to(dtype)
+        r0_sq = v * (b2 / bc2)                                   # vhat(0)
+        a1 = torch.addcmul(r0_sq, g, g, value=(1 - b2) / bc2).sqrt_()  # r1 = sqrt(vhat(G)), then r1 + eps
+        a0 = r0_sq.sqrt_()                                        # r0, then r0 + eps
+        # q = u1 / (r0 + r1) is bounded (r1 >= |u1| sqrt((1-b2)/bc2)); the clamp only turns 0/0 into 0
+        q = torch.div(g, torch.add(a0, a1).clamp_min_(torch.finfo(dtype).tiny))
+        a0.add_(eps)
+        a1.add_(eps)
+        p = torch.div(m, a0)                                      # mhat0 / (r0 + eps) = p * b1 / bc1
+        d0 = p * (-lr * b1 / bc1)
+        if decoupled and wd != 0:
+            d0.add_(param.detach().to(dtype), alpha=-lr * wd)
+        # slope = -lr sign ((1-b1)/bc1 - mhat0 (1-b2) u1 / (bc2 (r0 + r1) (r0 + eps))) / (r1 + eps), u1 = sign g
+        slope = p.mul_(q).mul_(lr * b1 * (1 - b2) / (bc1 * bc2)).sub_(lr * sign * (1 - b1) / bc1).div_(a1)
         return StepMap(d0=d0, slope=slope)
 
     def lagged_scale(self, param, group, state, dtype) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""The frozen update maps of shardshap.optim against the real torch optimizers (float64).
+
+`step_map(G).displacement(G)` must equal the parameter change of `optimizer.step()` with gradient G,
+and the secant slope must stay accurate where G -> 0 (no cancellation): there it tends to the
+derivative of the real update map, taken here by autograd.
+"""
+import copy
+
+import pytest
+import torch
+
+from shardshap.optim import rule_for
+
+torch_opts = {
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)),
+    "adamw-maximize": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, maximize=True)),
+    "adam": (torch.optim.Adam, dict(lr=1e-2)),
+    "adam-l2": (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.05)),
+    "adam-decoupled": (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.05, decoupled_weight_decay=True)),
+    "adamw-amsgrad": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    "sgd-nesterov": (torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+}
+
+
+def optimizer_at(name: str, warm_steps: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.nn.Parameter(torch.randn(64, generator=gen, dtype=torch.float64))
+    cls, kw = torch_opts[name]
+    opt = cls([p], **kw)
+    for _ in range(warm_steps):
+        p.grad = torch.randn(64, generator=gen, dtype=torch.float64) * torch.logspace(-6, 0, 64, dtype=torch.float64)
+        opt.step()
+    return p, opt
+
+
+def real_displacement(p, opt, grad):
+    p2, opt2 = copy.deepcopy((p, opt))  # deepcopy together keeps the state keyed by the copied parameter
+    p2.grad = grad.clone()
+    before = p2.detach().clone()
+    opt2.step()
+    return p2.detach() - before
+
+
+@pytest.mark.parametrize("warm_steps", [0, 5])
+@pytest.mark.parametrize("name", list(torch_opts))
+def test_step_map_is_the_real_step(name, warm_steps):
+    p, opt = optimizer_at(name, warm_steps)
+    rule = rule_for(opt)
+    group, state = opt.param_groups[0], opt.state[p]
+    g = torch.randn(64, dtype=torch.float64) * torch.logspace(-5, 0, 64, dtype=torch.float64)
+    g[3] = 0.0  # a coordinate without gradient
+    step = rule.step_map(p, g, group, state, torch.float64)
+    torch.testing.assert_close(step.displacement(g), real_displacement(p, opt, g), rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(step.displacement(torch.zeros_like(g)), real_displacement(p, opt, torch.zeros_like(g)),
+                               rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw-maximize", "adam", "adam-l2", "adam-decoupled"])
+def test_secant_slope_tends_to_the_derivative(name):
+    p, opt = optimizer_at(name, 5)
+    rule = rule_for(opt)
+    group, state = opt.param_groups[0], opt.state[p]
+    D = rule.displacement_fn(p, group, state, torch.float64)
+    direction = torch.randn(64, dtype=torch.float64)
+    tiny = 1e-13 * direction
+    slope = rule.step_map(p, tiny, group, state, torch.float64).slope
+    derivative = torch.func.jacfwd(D)(torch.zeros(64, dtype=torch.float64)).diagonal()
+    torch.testing.assert_close(slope, derivative, rtol=1e-6, atol=0)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -67,17 +68,23 @@ def _device(cfg: RecipeConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _wrap(cfg: RecipeConfig, model: nn.Module, opt, sched_fn, world: int, device):
-    """-> (model to train, optimizer for the Attributor, scheduler, DeepSpeed engine or None)."""
+def _adamw(cfg: RecipeConfig, model: nn.Module) -> torch.optim.AdamW:
+    t = cfg.train
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+
+
+def _wrap(cfg: RecipeConfig, model: nn.Module, sched_fn, world: int, device):
+    """-> (model to train, torch optimizer, optimizer for the Attributor, scheduler, DeepSpeed engine or None).
+    The optimizer is built after FSDP2 sharding (it must see the sharded parameters)."""
     engine = cfg.distributed.engine
     if engine == "deepspeed":
+        opt = _adamw(cfg, model)
         import deepspeed
         deepspeed.init_distributed(cfg.distributed.backend or ("nccl" if device.type == "cuda" else "gloo"))
         ds_engine, _, _, sched = deepspeed.initialize(
             model=model, optimizer=opt, config=deepspeed_dict(cfg, world),
             lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, sched_fn))
-        return ds_engine, None, sched, ds_engine
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, sched_fn)
+        return ds_engine, opt, None, sched, ds_engine
     if engine == "ddp":
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     elif engine == "fsdp2":
@@ -86,7 +93,8 @@ def _wrap(cfg: RecipeConfig, model: nn.Module, opt, sched_fn, world: int, device
         for block in blocks:  # one FSDP unit per transformer block, then the root (embeddings, head)
             fully_shard(block)
         fully_shard(model)
-    return model, opt, sched, None
+    opt = _adamw(cfg, model)
+    return model, opt, opt, torch.optim.lr_scheduler.LambdaLR(opt, sched_fn), None
 
 
 def _plain_step(cfg, model, opt, ds_engine, micro) -> torch.Tensor:
@@ -194,6 +202,8 @@ def run(cfg: RecipeConfig, stop_after: Optional[int] = None) -> Result:
     `stop_after`: end cleanly after that many steps in total, as a preempted job would (tests)."""
     import shardshap
     from tqdm import tqdm
+    # torch deprecates a collective DeepSpeed calls every step; the warning is not actionable here
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     t_start = time.time()
     rank, world = _start_distributed(cfg)
     device = _device(cfg)
@@ -206,9 +216,7 @@ def run(cfg: RecipeConfig, stop_after: Optional[int] = None) -> Result:
     model = build_model(cfg, data.tokenizer.vocab_size, data.tokenizer.pad_id, device)
     model.train()
     n_params = count_parameters(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, eps=cfg.train.eps,
-                            weight_decay=cfg.train.weight_decay)
-    model, attr_opt, sched, ds_engine = _wrap(cfg, model, opt, lr_lambda(cfg), world, device)
+    model, opt, attr_opt, sched, ds_engine = _wrap(cfg, model, lr_lambda(cfg), world, device)
     module = ds_engine.module if ds_engine is not None else getattr(model, "module", model)
     targets = {k: v.batch(np.arange(len(v)), device) for k, v in data.val.items()}
 

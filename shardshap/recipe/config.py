@@ -234,8 +234,8 @@ def _format(err: ValidationError) -> str:
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"unknown config key {loc!r}; {hint}valid keys here: {', '.join(valid)}"
     msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "value_error":
-        return msg if not loc else f"{loc}: {msg}"
+    if e["type"] == "value_error":  # our validators name the key themselves
+        return msg if not loc or msg.startswith(loc.split(".")[0]) else f"{loc}: {msg}"
     return f"{loc or 'config'}: {msg} (got {e.get('input')!r})"
 
 

@@ -88,6 +88,9 @@ class TrainConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     resume: Union[bool, str] = Field(False, description="true: the latest checkpoint in checkpoint.dir; or a path")
     log_every: int = Field(1, gt=0)
+    eval_every: int = Field(0, ge=0, description="every N optimizer steps (and after the last), compute each "
+                            "validation target's loss, also with attribution off; logged to the summary "
+                            "('eval') and <out_dir>/eval.jsonl (0: never)")
 
     @model_validator(mode="after")
     def _lr(self):

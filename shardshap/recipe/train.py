@@ -123,6 +123,17 @@ def _plain_step(cfg, model, opt, ds_engine, micro) -> torch.Tensor:
     return torch.cat(losses).mean()
 
 
+def _evaluate(eval_model, module, targets) -> list:
+    """Each target's loss now (train.eval_every), in eval mode (dropout off, no RNG drawn), on every rank
+    (FSDP2 gathers its shards in the forward)."""
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        out = target_losses(eval_model, targets).tolist()
+    module.train(was_training)
+    return out
+
+
 # -------------------------------------------------------------------- checkpoints
 def _barrier():
     if dist.is_initialized():
@@ -249,6 +260,8 @@ def run(cfg: RecipeConfig, stop_after: Optional[int] = None) -> Result:
     bar = tqdm(range(start, end), initial=start, total=cfg.train.steps, disable=rank != 0, unit="step",
                desc="training" + (" with attribution" if attr else ""), dynamic_ncols=True)
     tokens, t0, loss, tl = 0, time.time(), float("nan"), None
+    eval_model = model if cfg.distributed.engine == "fsdp2" else module
+    evals, every_eval = [], cfg.train.eval_every
     for step in bar:
         micro_ids = sampler.local_ids(step, rank)
         micro = [data.train.batch(i, device) for i in micro_ids]
@@ -264,6 +277,8 @@ def run(cfg: RecipeConfig, stop_after: Optional[int] = None) -> Result:
             post = {"loss": f"{loss:.3f}", **({n: f"{v:.3f}" for n, v in zip(names, tl)} if tl else {}),
                     "tok/s": f"{tokens / max(1e-9, time.time() - t0):.0f}"}
             bar.set_postfix(post, refresh=False)
+        if every_eval and targets and ((step + 1) % every_eval == 0 or step == end - 1):
+            evals.append({"step": step + 1, **dict(zip(names, _evaluate(eval_model, module, targets)))})
         every = cfg.train.checkpoint.every
         if every and (step + 1) % every == 0:
             save_checkpoint(cfg, step + 1, rank, model, opt, sched, ds_engine, attr)
@@ -272,15 +287,20 @@ def run(cfg: RecipeConfig, stop_after: Optional[int] = None) -> Result:
     if attr is not None:
         attr.close()
     with torch.no_grad():
-        final = target_losses(model if cfg.distributed.engine == "fsdp2" else module, targets).tolist() if targets else []
+        final = target_losses(eval_model, targets).tolist() if targets else []
     summary = {"run_id": cfg.run_id(), "steps": end, "resumed_at": start, "ranks": world,
                "engine": cfg.distributed.engine, "parameters": n_params, "num_samples": N,
                "pool": int(len(data.pool)), "train_seconds": round(train_s, 2),
                "total_seconds": round(time.time() - t_start, 2),
                "tokens_per_second": round(tokens / max(1e-9, train_s), 1), "final_loss": loss,
                "target_loss": dict(zip(names, final)), "store": store}
+    if every_eval:
+        summary["eval"] = evals
     if rank == 0:
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        if every_eval:
+            with open(Path(cfg.out_dir) / "eval.jsonl", "w") as f:
+                f.writelines(json.dumps(e) + "\n" for e in evals)
         (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         tl_text = ", ".join(f"{k} {v:.4f}" for k, v in summary["target_loss"].items())
         print(f"shardshap train: {end - start} steps in {train_s:.1f} s ({summary['tokens_per_second']:.0f} "

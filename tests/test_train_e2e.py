@@ -107,6 +107,23 @@ def test_attribution_does_not_change_training(tmp_path):
         assert torch.equal(on[k], plain[k]), k
 
 
+def test_eval_every_logs_target_losses_and_leaves_training_alone(tmp_path):
+    from shardshap.recipe.train import run
+    d = tiny(tmp_path, eval_every=4)
+    d["attribution"]["enabled"] = False
+    d["model"]["dropout"] = 0.1  # the evaluation runs in eval mode and draws no random numbers
+    res = run(validate(d))
+    assert [e["step"] for e in res.summary["eval"]] == [4, 6]  # every 4 steps and after the last
+    assert set(res.summary["eval"][0]) == {"step", "code", "prose"}
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "eval.jsonl")]
+    assert logged == res.summary["eval"]
+    d["train"]["eval_every"] = 0
+    ref = run(validate(d))
+    assert "eval" not in ref.summary
+    for k, v in ref.module.state_dict().items():
+        assert torch.equal(res.module.state_dict()[k], v), k
+
+
 def test_resumed_run_store_equals_uninterrupted(tmp_path):
     from shardshap.recipe.train import run
     d = tiny(tmp_path)

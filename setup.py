@@ -19,7 +19,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "hf": ["transformers>=4.40"],
+        "hf": ["transformers>=4.46", "accelerate>=1.1"],
         "distributed": ["deepspeed", "mpi4py", "mpich"],
         "test": ["pytest", "scikit-learn", "transformers>=4.40"],
     },

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -46,6 +48,22 @@ class StepResult:
         return self.scores.sum(0)
 
 
+@dataclass
+class Recording:
+    """One micro-batch recorded by `Attributor.record` (low-level API). Set `sample_loss` ([b] per-sample
+    training losses) to have the store keep them; left unset they are stored as NaN."""
+    sample_ids: torch.Tensor
+    sample_loss: Optional[torch.Tensor] = None
+
+
+def _as_ids(x, j: int) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.dim() != 1 or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise AttributionError(f"sample_ids of micro-batch {j} must be a 1-D integer tensor or list, got "
+                               f"dtype {t.dtype} and shape {tuple(t.shape)}")
+    return t.to(torch.int64).cpu()
+
+
 def _micro_batches(batch, sample_ids):
     """Normalise (batch, ids) or ([b1, b2, ...], [ids1, ids2, ...]) to two lists of micro-batches."""
     def is_id_list(x):
@@ -61,14 +79,7 @@ def _micro_batches(batch, sample_ids):
         micro = list(batch)
     else:
         micro_ids, micro = [sample_ids], [batch]
-    ids = []
-    for j, x in enumerate(micro_ids):
-        t = torch.as_tensor(x)
-        if t.dim() != 1 or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise AttributionError(f"sample_ids of micro-batch {j} must be a 1-D integer tensor or list, got "
-                                   f"dtype {t.dtype} and shape {tuple(t.shape)}")
-        ids.append(t.to(torch.int64))
-    return micro, ids
+    return micro, [_as_ids(x, j) for j, x in enumerate(micro_ids)]
 
 
 class _FullW(Mapping):
@@ -100,6 +111,10 @@ class Attributor:
     train_loss(model, batch) -> Tensor[b] per-sample losses; target_loss(model, targets) -> Tensor[K]
     (or a 0-d tensor for one target). Training is not changed: parameters and optimizer state after
     `step()` equal those of the plain step on the same batch.
+
+    Loops that own their backward and optimizer step use the low-level API instead (train_loss may then
+    be None): `with attr.record(ids): loss = ...; loss.backward()` for each micro-batch, then
+    `attr.attribute(targets)` before `optimizer.step()` (docs/training.md).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -136,48 +151,110 @@ class Attributor:
             json.dumps(self.config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
         self._writer = None  # opened at the first step, when the local batch size is known
         self._resume_step: Optional[int] = None
+        self._recorded: list[Recording] = []  # this step's micro-batches so far
 
     # ------------------------------------------------------------------ public API
     def step(self, batch, sample_ids, targets) -> StepResult:
         """One optimizer step over `batch` (or a list of micro-batches: one step, one game)."""
+        if self.train_loss is None:
+            raise AttributionError("step() needs train_loss(model, batch) -> per-sample losses; without it use "
+                                   "the low-level API: attr.record(ids) around your forward/backward, then "
+                                   "attr.attribute(targets) before optimizer.step()")
         t0 = time.perf_counter()
         micro, ids = _micro_batches(batch, sample_ids)
-        sizes = [len(i) for i in ids]
-        n = sum(sizes)
-        if n == 0:
-            raise AttributionError("the step has no samples (empty sample_ids)")
+        n = sum(len(i) for i in ids)
         c = 1.0 / n if self.config.reduction == "mean" else 1.0  # this rank's loss; DDP averages over ranks
-        if self.store_path is not None:
-            self._check_ids(torch.cat(ids))
         opt, engine = self.optimizer, self.engine
         engine.zero_grad(opt)
         try:
-            losses = []
-            for j, (mb, b) in enumerate(zip(micro, sizes)):
+            for j, (mb, mids) in enumerate(zip(micro, ids)):
                 last = j == len(micro) - 1
-                with self.capture.recording(b, j), engine.no_sync(last):
+                with self._record(mids) as rec, engine.no_sync(last):
                     per_sample = self.train_loss(self.model, mb)
-                    self._check_loss(per_sample, b, j)
+                    self._check_loss(per_sample, len(mids), j)
                     if len(micro) == 1 and self.config.reduction == "mean":
                         engine.backward(per_sample.mean())  # bit-identical to the plain step
                     else:
                         engine.backward(per_sample.sum() * c)
+                    rec.sample_loss = per_sample.detach()
                 engine.after_micro_batch(last)
-                losses.append(per_sample.detach())
-            sample_loss = torch.cat(losses)
-            result = self._attribute(targets, sizes, sample_loss)
+            result = self._attribute_recorded(targets, grad_norm=None)
             engine.optimizer_step(opt)
         except BaseException:
             engine.zero_grad(opt)  # nothing half-applied: no step, no leftover gradient
             raise
-        finally:
-            self.capture.clear()
-        result.sample_ids = torch.cat(ids)
         result.metadata["seconds"] = time.perf_counter() - t0
+        self._finish(result)
+        return result
+
+    # ------------------------------------------------------------------ low-level API (user-owned loops)
+    @contextmanager
+    def record(self, sample_ids):
+        """Capture one micro-batch of your own training forward (and the backward that follows it, inside
+        or after the block): `with attr.record(ids) as rec: loss = ...; loss.backward()`. Set
+        `rec.sample_loss` (Tensor[b]) to store per-sample losses. Call once per micro-batch, in order."""
+        if self.engine.owns_backward:
+            raise AttributionError("the low-level API cannot drive DeepSpeed engines (DeepSpeed owns backward, "
+                                   "clipping and step); use attr.step(batch, ids, targets)")
+        with self._record(sample_ids) as rec:
+            yield rec
+
+    @contextmanager
+    def _record(self, sample_ids):
+        rec = Recording(_as_ids(sample_ids, len(self._recorded)))
+        b = len(rec.sample_ids)
+        if b == 0:
+            raise AttributionError("the step has no samples (empty sample_ids)")
+        if self.store_path is not None:
+            self._check_ids(torch.cat([r.sample_ids for r in self._recorded] + [rec.sample_ids]))
+        self._recorded.append(rec)
+        try:
+            with self.capture.recording(b, len(self._recorded) - 1):
+                yield rec
+        except BaseException:
+            self._discard()
+            raise
+
+    def attribute(self, targets, grad_norm: Optional[float] = None) -> StepResult:
+        """Values of the step about to be taken, from the micro-batches recorded since the last step. Call
+        it after the last backward and BEFORE `optimizer.step()`; it never steps the optimizer.
+
+        Clipping (Config.max_grad_norm): leave `grad_norm=None` and do not clip yourself: the gradients are
+        clipped here, in place, exactly as torch.nn.utils.clip_grad_norm_ would. If you clipped already,
+        pass the total norm that clip_grad_norm_ returned. On an error the gradients are zeroed, so that
+        a following optimizer.step() changes nothing."""
+        t0 = time.perf_counter()
+        if not self._recorded:
+            raise AttributionError("attribute() found no recorded micro-batch: wrap each micro-batch's forward "
+                                   "in `with attr.record(sample_ids):` before its backward")
+        try:
+            result = self._attribute_recorded(targets, grad_norm)
+        except BaseException:
+            self.engine.zero_grad(self.optimizer)
+            raise
+        result.metadata["seconds"] = time.perf_counter() - t0
+        self._finish(result)
+        return result
+
+    def _attribute_recorded(self, targets, grad_norm) -> StepResult:
+        try:
+            sizes = [len(r.sample_ids) for r in self._recorded]
+            sample_loss = torch.cat([r.sample_loss.detach().reshape(-1).cpu() if r.sample_loss is not None
+                                     else torch.full((len(r.sample_ids),), math.nan) for r in self._recorded])
+            result = self._attribute(targets, sizes, sample_loss, grad_norm)
+            result.sample_ids = torch.cat([r.sample_ids for r in self._recorded])
+            return result
+        finally:
+            self._discard()
+
+    def _discard(self) -> None:
+        self._recorded = []
+        self.capture.clear()
+
+    def _finish(self, result: StepResult) -> None:
         if self.store_path is not None:
             self._write(result)
         self.step_index += 1
-        return result
 
     def state_dict(self) -> dict:
         """The attribution part of a training checkpoint (flushes the store first)."""
@@ -270,11 +347,14 @@ class Attributor:
             raise AttributionError(f"train_loss is not finite for samples at positions {bad[:10]} of micro-batch "
                                    f"{j}; the optimizer step was not taken")
 
-    def _attribute(self, targets, sizes, sample_loss) -> StepResult:
+    def _attribute(self, targets, sizes, sample_loss, grad_norm=None) -> StepResult:
         cfg, opt, dtype, engine = self.config, self.optimizer, self.dtype, self.engine
         bytes_before = engine.bytes_sent
         shards = engine.shards(opt)  # this rank's elements of every parameter the optimizer moves
-        clip = engine.clip(shards, cfg.max_grad_norm)
+        if grad_norm is None or cfg.max_grad_norm is None:
+            clip = engine.clip(shards, cfg.max_grad_norm)
+        else:  # the caller clipped already (low-level API): clip_grad_norm_'s factor for that norm
+            clip = min(1.0, cfg.max_grad_norm / (float(grad_norm) + 1e-6))
         frozen: dict[int, Frozen] = {
             pid: freeze(cfg.estimator, cfg.order, self.rule, sh.value, sh.grad, sh.group, sh.state, clip, dtype)
             for pid, sh in shards.items()}
@@ -301,7 +381,7 @@ class Attributor:
         group0 = opt.param_groups[0]
         return StepResult(
             scores=scores, sample_ids=torch.empty(0, dtype=torch.int64),
-            loss=sample_loss.mean() if cfg.reduction == "mean" else sample_loss.sum(),
+            loss=sample_loss.mean() if cfg.reduction == "mean" else sample_loss.sum(),  # NaN if unrecorded
             sample_loss=sample_loss, step=self.step_index, lr=scalar(group0["lr"]),
             target_loss=target_loss, clip_factor=clip,
             metadata={"estimator": cfg.estimator, "order": cfg.order, "excluded": self.excluded,

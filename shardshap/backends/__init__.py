@@ -44,6 +44,7 @@ class Engine:
     for DDP, FSDP2, DeepSpeed). Every method with a collective is called by every rank in the same order."""
 
     partitioned = False  # True when gradients and optimizer state are split across ranks
+    owns_backward = False  # True when only the engine may run backward/step (the low-level API cannot)
 
     def __init__(self, model: nn.Module, module: nn.Module, world_size: int = 1, rank: int = 0):
         self.model, self.module, self.world_size, self.rank = model, module, world_size, rank
@@ -121,10 +122,13 @@ class Engine:
         max_norm is None)."""
         if max_norm is None:
             return 1.0
-        grads = [sh.param.grad for sh in shards.values()]
-        total = torch.nn.utils.get_total_norm(grads)
+        # in the model's parameter order, as clip_grad_norm_(model.parameters()) sums (optimizers often
+        # group parameters in another order, and the norm's rounding depends on it)
+        moved = {id(sh.param) for sh in shards.values()}
+        params = [p for p in self.module.parameters() if id(p) in moved and p.grad is not None]
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
         factor = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
-        torch.nn.utils.clip_grads_with_norm_([sh.param for sh in shards.values()], max_norm, total)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return factor
 
     def target_gradients(self, evaluate, params: list[nn.Parameter], dtype, split: bool = False

@@ -41,6 +41,7 @@ def _error(message: str) -> Exception:
 
 class DeepSpeedEngine(Engine):
     partitioned = True
+    owns_backward = True
 
     def __init__(self, model):
         self.ds = model

@@ -1,0 +1,126 @@
+"""Hugging Face `Trainer` integration: `trainer.add_callback(ShardshapCallback(targets, ...))`.
+
+The callback drives Attributor's low-level API from Trainer's own events: a forward pre-hook on the model
+takes each training batch's sample ids (the `sample_id` column, popped before the model sees it) and
+records the micro-batch; `on_pre_optimizer_step` attributes the step before Trainer's optimizer.step().
+Gradient clipping moves from Trainer to shardshap (same arithmetic, so training is unchanged) because
+Trainer clips before any callback sees the gradients and the values need the clip factor.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import TrainerCallback
+
+from ..attributor import AttributionError, Attributor
+from ..config import Config
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+    """[b] per-sample loss for the two common heads: causal LM (shifted labels, -100 ignored, token mean per
+    sample) and sequence classification ([b, C] logits). None for anything else."""
+    with torch.no_grad():
+        if logits.dim() == 3 and labels.shape == logits.shape[:2]:
+            tok = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                  ignore_index=-100, reduction="none").view(labels.shape[0], -1)
+            real = (labels[:, 1:] != -100).float()
+            return (tok * real).sum(1) / real.sum(1).clamp(min=1)
+        if logits.dim() == 2 and labels.dim() == 1 and labels.shape[0] == logits.shape[0]:
+            return F.cross_entropy(logits.float(), labels, reduction="none")
+    return None
+
+
+def model_loss(model, targets: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """Default target loss: the model's own loss on each named target batch (which must hold `labels`)."""
+    return torch.stack([model(**batch).loss for batch in targets.values()])
+
+
+class ShardshapCallback(TrainerCallback):
+    """Values every training sample of a `transformers.Trainer` run.
+
+    targets: name -> a batch dict for the model (e.g. input_ids, attention_mask, labels), one target each.
+    config: shardshap.Config (target names default to the keys of `targets`; `max_grad_norm` comes from
+        TrainingArguments). store / run_id / overwrite: as for Attributor (`num_samples` defaults to the
+        training set's length).
+    The training dataset needs a `sample_id` column (the row's index) and TrainingArguments needs
+    `remove_unused_columns=False` so that the column reaches the model's forward. Single process only.
+    """
+
+    def __init__(self, targets: Mapping[str, Mapping[str, torch.Tensor]], config: Optional[Config] = None, *,
+                 store: Optional[str] = None, run_id: Optional[str] = None, overwrite: bool = False,
+                 target_loss: Callable = model_loss, id_key: str = "sample_id"):
+        self.targets, self.config, self.target_loss, self.id_key = dict(targets), config or Config(), target_loss, id_key
+        self.store, self.run_id, self.overwrite = store, run_id, overwrite
+        self.attributor: Optional[Attributor] = None
+        self.last = None  # the StepResult of the latest step
+        self._hooks, self._open = [], None  # _open: the record() of the forward in progress
+        self._in_target_pass = False
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise AttributionError("ShardshapCallback runs single-process Trainer jobs only; for DDP, FSDP2 or "
+                                   "DeepSpeed use launch/train.py or shardshap.Attributor (docs/training.md)")
+        cfg = self.config
+        if args.max_grad_norm and cfg.max_grad_norm not in (None, args.max_grad_norm):
+            raise AttributionError(f"TrainingArguments.max_grad_norm={args.max_grad_norm} but Config.max_grad_norm="
+                                   f"{cfg.max_grad_norm}: set only one of them")
+        updates = {"max_grad_norm": args.max_grad_norm or cfg.max_grad_norm,
+                   "target_names": cfg.target_names or list(self.targets)}
+        if self.store is not None and cfg.num_samples is None:
+            updates["num_samples"] = len(train_dataloader.dataset)
+        cfg = dataclasses.replace(cfg, **updates)
+        self._trainer_max_grad_norm, args.max_grad_norm = args.max_grad_norm, 0.0  # shardshap clips now
+        device = next(model.parameters()).device
+        self.targets = {k: {n: v.to(device) if torch.is_tensor(v) else v for n, v in b.items()}
+                        for k, b in self.targets.items()}
+        self.attributor = Attributor(model, getattr(optimizer, "optimizer", optimizer), None, self._target_pass, cfg,
+                                     store=self.store, run_id=self.run_id, overwrite=self.overwrite)
+        self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                       model.register_forward_hook(self._after_forward, with_kwargs=True)]
+
+    def _target_pass(self, model, targets):
+        self._in_target_pass = True  # its forward is not a training micro-batch
+        try:
+            return self.target_loss(model, targets)
+        finally:
+            self._in_target_pass = False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.last = self.attributor.attribute(self.targets)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        args.max_grad_norm = self._trainer_max_grad_norm
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self.attributor is not None:
+            self.attributor.close()
+
+    # ------------------------------------------------------------------ model hooks
+    def _before_forward(self, module, args, kwargs):
+        ids = kwargs.pop(self.id_key, None)
+        if self._in_target_pass or not (module.training and torch.is_grad_enabled()):
+            return args, kwargs  # shardshap's own target pass, evaluation or prediction
+        if ids is None:
+            raise AttributionError(
+                f"a training batch has no {self.id_key!r}: add the column (each row's index in the training set) "
+                "and set TrainingArguments(remove_unused_columns=False) so that it reaches the model")
+        self._open = self.attributor.record(torch.as_tensor(ids).reshape(-1))
+        self._rec = self._open.__enter__()
+        return args, kwargs
+
+    def _after_forward(self, module, args, kwargs, output):
+        if self._open is None:
+            return None
+        logits, labels = getattr(output, "logits", None), kwargs.get("labels")
+        if logits is not None and labels is not None:
+            self._rec.sample_loss = per_sample_loss(logits, labels)
+        self._open.__exit__(None, None, None)  # the hooks on the outputs still catch the backward that follows
+        self._open = None
+        return None

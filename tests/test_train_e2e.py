@@ -198,3 +198,23 @@ def test_quickstart_pipeline_two_ranks(tmp_path):
     seen = np.flatnonzero(again.count > 0)
     assert again.count.sum() == 4 * gb
     assert np.isin(seen, keep).all(), f"the retrained run saw dropped ids {np.setdiff1d(seen, keep)[:5]}"
+
+
+# ------------------------------------------------------------------ shardshap verify
+def test_verify_command_against_the_oracle(tmp_path, capsys):
+    """`shardshap verify` on a small config: the secant estimator's values follow the exact Shapley values of
+    the real AdamW step (R >= 0.99), and the SGD proxy is reported beside it."""
+    import yaml
+    from shardshap import cli
+    cfg = tiny(tmp_path)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["verify", "--config", str(path), "--warm-steps", "3", "--checks", "1", "--batch", "6",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["estimator"]: r for r in out["rows"]}
+    assert out["oracle"] == "exact" and set(rows) == {"secant/2", "adam-lagged/2", "sgd/2", "sgd/1"}
+    assert min(rows["secant/2"]["pearson"]) >= 0.99, rows["secant/2"]
+    assert max(rows["secant/2"]["efficiency_gap"]) <= 0.05
+    assert cli.main(["verify", "--config", str(path), "--batch", "40"]) == 1
+    assert "keep it at 16 or below" in capsys.readouterr().err

@@ -4,7 +4,7 @@
 # `shardshap report` and writes `shardshap plot` PNGs to runs/quickstart/plots/.
 #
 #   bash launch/quickstart.sh [--steps N] [--nproc N] [--gpu] [--no-install] [--set key=value ...]
-#     --steps N     optimizer steps (default 300)
+#     --steps N     optimizer steps (default 500, configs/demo_cpu.yaml)
 #     --nproc N     ranks (default 2; with --gpu: one per GPU)
 #     --gpu         train on GPUs (DeepSpeed on CUDA, nccl)
 #     --no-install  skip launch/install.sh (the venv exists)

@@ -8,7 +8,7 @@
 Prints, per validation target, the steps each retrain needs to reach a fixed loss (run (a)'s loss at
 --threshold-at of the budget) and the final losses, side by side, and how many samples were dropped per domain.
 
-    python benchmarks/filter_retrain.py                      # the demo config, 2 ranks (DeepSpeed ZeRO-2), ~6 min on 2 cores
+    python benchmarks/filter_retrain.py                      # the demo config, 2 ranks (DeepSpeed ZeRO-2), ~3-4 min on 2 cores
     python benchmarks/filter_retrain.py --store runs/quickstart/run.zarr --data runs/quickstart/data
     python benchmarks/filter_retrain.py --steps 200 --seed 1 --rule drop-negative --target code --nproc 1
 """

@@ -1,4 +1,4 @@
-"""Throughput: attributed step time vs plain step time, side by side in ONE process (docs/benchmarks_throughput.md).
+"""Throughput: attributed step time vs plain step time, side by side in ONE process (docs/benchmarks.md).
 
 Plain steps and attributed steps of every configuration alternate (round-robin, one step each per
 repeat) on private copies of the same model, so that machine noise hits all of them alike; the first

@@ -20,7 +20,8 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 
 # What each preset sets (docs/benchmarks.md, "Presets"). 'fast' is meant to be the fastest configuration that
 # keeps Pearson R >= 0.99 against exact values on the throughput benchmark workloads; rank 16 follows
-# research/calibration.md (R >= 0.9999) and gave R = 1.0000 on W1, but its speed is not yet measured quietly.
+# research/calibration.md (R >= 0.9999). Measured on W1: 3-7% faster than exact on CPU, 2.6x SLOWER on an
+# H100 (the factorisation is launch- and sync-bound there), so it is a CPU preset for now.
 PRESETS: dict[str, dict[str, Any]] = {
     "exact": {"mode": "exact", "product_rank": None},
     "fast": {"mode": "exact", "product_rank": 16},
@@ -58,7 +59,7 @@ class Config:
     preset: Optional[str] = field(default=None, metadata={"help": (
         "A named set of field values: 'exact' (the reference: product_rank=None) or 'fast' (product_rank=16: "
         "low-rank products, Pearson R >= 0.9999 against exact values in calibration and on the W1 benchmark; "
-        "docs/benchmarks.md). The preset fills the fields it names; giving one of them a non-default value "
+        "a few percent faster than exact on CPU, slower on GPUs: use 'exact' there; docs/benchmarks.md). The preset fills the fields it names; giving one of them a non-default value "
         "that differs from the preset's is an error (drop the preset or that field).")})
     reduction: str = field(default="mean", metadata={"help": (
         "How the training loss combines per-sample losses: 'mean' (L = sum_i l_i / |B|, the usual) or "

@@ -10,6 +10,7 @@ setup(
         "torch>=2.4",
         "numpy",
         "pyyaml",
+        "pydantic>=2",
         "zarr>=3.0",
         "numcodecs",
         "xarray",

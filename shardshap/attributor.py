@@ -490,8 +490,9 @@ class Attributor:
         sums = self.engine.all_reduce_sum(torch.stack(
             [torch.stack([per_param[n].sum(0), per_param[n].abs().sum(0)]) for n in names]))
         expected = self.engine.reduce_partial(torch.stack([  # <batch gradient, W> on owned elements
-            ((owned[id(p)] if W is None else torch.stack([self.engine.owned(shards[id(p)], w) for w in W[id(p)]]))
-             * (shards[id(p)].grad.to(self.dtype) / clip)).sum(1)
+            torch.linalg.vecdot(
+                owned[id(p)] if W is None else torch.stack([self.engine.owned(shards[id(p)], w) for w in W[id(p)]]),
+                shards[id(p)].grad.to(self.dtype)) / clip
             for p in (self.plan.params[n] for n in names)]))
         bad = []
         for name, (ghost, magnitude), exp in zip(names, sums, expected):

@@ -39,7 +39,7 @@ def freeze(estimator: str, order: int, rule: OptimizerRule, param: torch.Tensor,
     step = rule.step_map(param, grad, group, state, dtype)
     shift = step.midpoint(grad.detach().to(dtype)) if order == 2 else None
     if estimator == "secant":
-        return Frozen(-clip_factor * step.slope, shift)
+        return Frozen(step.slope.mul_(-clip_factor), shift)  # the slope is ours: scale it in place
     if estimator == "adam-lagged":
         return Frozen(clip_factor * rule.lagged_scale(param, group, state, dtype), shift)
     raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")

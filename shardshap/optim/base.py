@@ -23,7 +23,7 @@ class StepMap:
 
     def midpoint(self, grad: torch.Tensor) -> torch.Tensor:
         """(D(0) + D(G)) / 2: the shift from theta_t to the midpoint of the step."""
-        return self.d0 + 0.5 * self.slope * grad
+        return torch.addcmul(self.d0, self.slope, grad, value=0.5)
 
 
 class UnsupportedOptimizer(TypeError):

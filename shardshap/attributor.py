@@ -201,15 +201,14 @@ class Attributor:
 
     @contextmanager
     def _record(self, sample_ids):
-        rec = Recording(_as_ids(sample_ids, len(self._recorded)))
-        b = len(rec.sample_ids)
-        if b == 0:
-            raise AttributionError("the step has no samples (empty sample_ids)")
-        if self.store_path is not None:
-            self._check_ids(torch.cat([r.sample_ids for r in self._recorded] + [rec.sample_ids]))
-        self._recorded.append(rec)
-        try:
-            with self.capture.recording(b, len(self._recorded) - 1):
+        try:  # any failure drops the whole step's recordings: the next step starts clean
+            rec = Recording(_as_ids(sample_ids, len(self._recorded)))
+            if len(rec.sample_ids) == 0:
+                raise AttributionError("the step has no samples (empty sample_ids)")
+            if self.store_path is not None:
+                self._check_ids(torch.cat([r.sample_ids for r in self._recorded] + [rec.sample_ids]))
+            self._recorded.append(rec)
+            with self.capture.recording(len(rec.sample_ids), len(self._recorded) - 1):
                 yield rec
         except BaseException:
             self._discard()

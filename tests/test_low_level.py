@@ -124,3 +124,20 @@ def test_errors_leave_nothing_half_applied():
         case.train_loss(case.model, batch).mean().backward()
     assert attr.attribute(None).scores.shape == (8, 2)
 
+
+
+def test_a_failed_micro_batch_leaves_no_recording_behind(tmp_path):
+    """Bad ids in the second micro-batch fail the step before anything moves, and the next step holds only
+    its own samples (no stale micro-batch from the failed one)."""
+    case = cases.digits_mlp(batch_size=8)
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1)
+    attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
+                                shardshap.Config(num_samples=1797), store=str(tmp_path / "s.zarr"))
+    (x, y), ids = case.batches(0)
+    before = [p.detach().clone() for p in case.model.parameters()]
+    with pytest.raises(shardshap.AttributionError, match="duplicates"):
+        attr.step([(x[:4], y[:4]), (x[4:], y[4:])], [ids[:4], ids[:4]], None)
+    assert all(torch.equal(p, q) for p, q in zip(case.model.parameters(), before))
+    out = attr.step(*case.batches(1), None)
+    assert out.scores.shape == (8, 2) and torch.equal(out.sample_ids, case.batches(1)[1])
+    attr.close()

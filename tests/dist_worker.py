@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--fail-at-step", type=int, default=-1, help="rank 1 raises at this step")
     ap.add_argument("--plain", action="store_true", help="train without attribution (the reference)")
+    ap.add_argument("--low-level", action="store_true", help="the user's own loop: attr.record + attr.attribute")
     ap.add_argument("--store", default=None, help="stream the values to this store")
     ap.add_argument("--cold-steps", type=int, default=10, help="Config.cold_steps")
     ap.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "fsdp-keep"],
@@ -73,7 +74,17 @@ def main():
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             continue
-        out = attr.step(micro, micro_ids, None)
+        if args.low_level:  # the plain loop above, with record around each micro-batch and attribute before step
+            opt.zero_grad()
+            n = sum(len(i) for i in micro_ids)
+            for j, (mb, ids) in enumerate(zip(micro, micro_ids)):
+                skip_sync = args.engine == "ddp" and j < len(micro) - 1
+                with model.no_sync() if skip_sync else torch.enable_grad(), attr.record(ids):
+                    (case.train_loss(model, mb).sum() / n).backward()
+            out = attr.attribute(None)
+            opt.step()
+        else:
+            out = attr.step(micro, micro_ids, None)
         ids_out.append(out.sample_ids.numpy())
         scores_out.append(out.scores.numpy())
         if rank == 0:

@@ -82,6 +82,17 @@ def test_torchrun_matches_single_process(tmp_path, engine):
             assert np.array_equal(ours[name], plain[name]), name
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_low_level_api_in_the_users_own_loop(tmp_path, engine):
+    """The user's own DDP / FSDP2 loop (no_sync, backward, optimizer.step) with attr.record around each
+    micro-batch and attr.attribute before the step: the same values and parameters as one process."""
+    prefix = str(tmp_path / engine)
+    proc, _ = run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER, "--engine",
+                   engine, "--low-level", "--out", prefix, "--store", prefix + ".zarr"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_against_reference(prefix, store=prefix + ".zarr")
+
+
 @pytest.mark.skipif(shutil.which("mpiexec", path=BIN) is None, reason="mpiexec (mpich wheel) not installed")
 def test_ddp_mpiexec_matches_single_process(tmp_path):
     prefix = str(tmp_path / "mpi")

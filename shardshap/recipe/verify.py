@@ -3,7 +3,6 @@
 of that real optimizer step (shardshap.oracle: subset enumeration with the real AdamW step)."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np

@@ -20,9 +20,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "hf": ["transformers>=4.46", "accelerate>=1.1"],
+        "hf": ["transformers>=4.56", "accelerate>=1.1"],
         "distributed": ["deepspeed", "mpi4py", "mpich"],
-        "test": ["pytest", "scikit-learn", "transformers>=4.40"],
+        "test": ["pytest", "scikit-learn", "transformers>=4.56"],
     },
     entry_points={"console_scripts": ["shardshap=shardshap.cli:main"]},
 )

@@ -44,13 +44,13 @@ def build_model(cfg, vocab_size: int, pad_id: int, device="cpu") -> nn.Module:
         if not Path(cfg.model.pretrained).exists():
             raise ConfigError(f"model.pretrained: no folder {cfg.model.pretrained!r} (nothing is downloaded; "
                               "give a local path or remove the key for a random init)")
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, local_files_only=True, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained, local_files_only=True, dtype=dtype)
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ConfigError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings, "
                               f"fewer than the tokenizer's {vocab_size}; use its own tokenizer (data.tokenizer)")
         return model.to(device)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size, pad_id), torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size, pad_id), dtype=dtype)
     return model
 
 

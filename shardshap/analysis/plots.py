@@ -55,7 +55,8 @@ def write_plots(scores, manifest: Optional[Manifest], outdir: str) -> list[str]:
             if sel.any():
                 ax.hist(np.clip(v[sel], -lim, lim), bins=bins, alpha=0.5, label=f"{d} (n={sel.sum()})")
         ax.axvline(0, color="k", lw=0.8)
-        ax.set(title=f"value per sample, target '{t}'", xlabel="value (target-loss units)", ylabel="samples")
+        ax.set(title=f"value per sample, target '{t}'", ylabel="samples",
+               xlabel="value (target-loss units; the outer 1% piled in the edge bins)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(outdir, "value_distribution.png"))

@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = os.path.dirname(sys.executable)
 
 
-def demo_corpus(out, per_domain):
+def demo_corpus(out, per_domain, val=4):
     spec = importlib.util.spec_from_file_location("demo_corpus", ROOT / "launch" / "demo_corpus.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.write_demo_corpus(str(out), per_domain=per_domain, val=4)
+    return mod.write_demo_corpus(str(out), per_domain=per_domain, val=val)
 
 
 def tiny(tmp_path, **train):
@@ -198,6 +198,31 @@ def test_quickstart_pipeline_two_ranks(tmp_path):
     seen = np.flatnonzero(again.count > 0)
     assert again.count.sum() == 4 * gb
     assert np.isin(seen, keep).all(), f"the retrained run saw dropped ids {np.setdiff1d(seen, keep)[:5]}"
+
+
+def test_bf16_under_deepspeed_matches_fp32(tmp_path):
+    """DeepSpeed ZeRO-2 with bf16 on 2 ranks (bf16 model, bf16 gradient reduction, fp32 master weights): the
+    run completes (the completeness check allows for bf16 rounding) and each step's values follow the fp32
+    run's (Pearson R >= 0.999 per step and target)."""
+    pytest.importorskip("deepspeed")
+    p = demo_corpus(tmp_path / "data", 400, val=8)  # the quickstart's corpus: its 5th step failed the old check
+    ds = json.loads((ROOT / "configs" / "ds_zero2.json").read_text())
+    ds["bf16"] = {"enabled": True}
+    (tmp_path / "ds_bf16.json").write_text(json.dumps(ds))
+    sets = ["--set", f"data.corpus=[{p['train']}]", "--set", f"data.validation.code={p['val_code']}",
+            "--set", f"data.validation.prose={p['val_prose']}", "--set", "train.steps=6"]
+    runs = {}
+    for name, extra in [("fp32", []), ("bf16", ["--set", f"distributed.deepspeed={tmp_path / 'ds_bf16.json'}"])]:
+        _torchrun(["--config", str(ROOT / "configs" / "demo_cpu.yaml"), *sets, *extra,
+                   "--set", f"out_dir={tmp_path / name}"], cwd=ROOT)
+        runs[name] = open_scores(str(tmp_path / name / "run.zarr")).step_log
+    a, b = runs["fp32"], runs["bf16"]
+    assert (a["sample_id"].values == b["sample_id"].values).all()
+    for step in range(6):
+        for k in range(2):
+            x, y = a["score"].values[step, :, k], b["score"].values[step, :, k]
+            r = np.corrcoef(x, y)[0, 1]
+            assert r >= 0.999, (step, k, r)
 
 
 # ------------------------------------------------------------------ shardshap verify

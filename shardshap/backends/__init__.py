@@ -124,8 +124,10 @@ class Engine:
             return 1.0
         # in the model's parameter order, as clip_grad_norm_(model.parameters()) sums (optimizers often
         # group parameters in another order, and the norm's rounding depends on it)
-        moved = {id(sh.param) for sh in shards.values()}
-        params = [p for p in self.module.parameters() if id(p) in moved and p.grad is not None]
+        in_model = {id(p): p for p in self.module.parameters()}
+        params = [p for p in in_model.values() if id(p) in shards] + [  # then any the optimizer holds apart
+            sh.param for pid, sh in shards.items() if pid not in in_model]
+        params = [p for p in params if p.grad is not None]
         total = torch.nn.utils.get_total_norm([p.grad for p in params])
         factor = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)

@@ -59,8 +59,9 @@ class Config:
     preset: Optional[str] = field(default=None, metadata={"help": (
         "A named set of field values: 'exact' (the reference: product_rank=None) or 'fast' (product_rank=16: "
         "low-rank products, Pearson R >= 0.9999 against exact values in calibration and on the W1 benchmark; "
-        "a few percent faster than exact on CPU, slower on GPUs: use 'exact' there; docs/benchmarks.md). The preset fills the fields it names; giving one of them a non-default value "
-        "that differs from the preset's is an error (drop the preset or that field).")})
+        "a few percent faster than exact on CPU, slower on GPUs: use 'exact' there; docs/benchmarks.md). "
+        "The preset fills the fields it names; giving one of them a non-default value that differs from the "
+        "preset's is an error (drop the preset or that field).")})
     reduction: str = field(default="mean", metadata={"help": (
         "How the training loss combines per-sample losses: 'mean' (L = sum_i l_i / |B|, the usual) or "
         "'sum'. |B| counts every sample of every micro-batch of the optimizer step.")})

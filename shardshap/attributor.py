@@ -181,7 +181,8 @@ class Attributor:
             result = self._attribute_recorded(targets, grad_norm=None)
             engine.optimizer_step(opt)
         except BaseException:
-            engine.zero_grad(opt)  # nothing half-applied: no step, no leftover gradient
+            engine.zero_grad(opt)  # nothing half-applied: no step, no leftover gradient, no recording
+            self._discard()
             raise
         result.metadata["seconds"] = time.perf_counter() - t0
         self._finish(result)
@@ -238,8 +239,11 @@ class Attributor:
     def _attribute_recorded(self, targets, grad_norm) -> StepResult:
         try:
             sizes = [len(r.sample_ids) for r in self._recorded]
-            sample_loss = torch.cat([r.sample_loss.detach().reshape(-1).cpu() if r.sample_loss is not None
-                                     else torch.full((len(r.sample_ids),), math.nan) for r in self._recorded])
+            losses = [r.sample_loss for r in self._recorded]
+            device = next((x.device for x in losses if x is not None), torch.device("cpu"))
+            sample_loss = torch.cat([x.detach().reshape(-1) if x is not None else
+                                     torch.full((len(r.sample_ids),), math.nan, device=device)
+                                     for x, r in zip(losses, self._recorded)])
             result = self._attribute(targets, sizes, sample_loss, grad_norm)
             result.sample_ids = torch.cat([r.sample_ids for r in self._recorded])
             return result

@@ -13,7 +13,7 @@ from ..verify import compare_estimators
 from .config import RecipeConfig
 from .data import Sampler, build_data
 from .model import build_model, sequence_losses, target_losses
-from .train import _adamw, lr_lambda
+from .train import _adamw, _plain_step, lr_lambda
 
 VARIANTS = [dict(estimator="secant", order=2), dict(estimator="adam-lagged", order=2), dict(estimator="sgd", order=2),
             dict(estimator="sgd", order=1)]
@@ -55,11 +55,7 @@ def verify(cfg: RecipeConfig, *, warm_steps: int = 12, checks: int = 2, batch: i
             _, comparisons = compare_estimators(model, opt, sequence_losses, target_losses, mb, torch.from_numpy(ids),
                                                 targets, variants=VARIANTS, base=base, permutations=permutations)
             rows += [VerifyRow(step, c.name, c.pearson, c.efficiency_gap) for c in comparisons]
-        opt.zero_grad()
-        sequence_losses(model, mb).mean().backward()
-        if cfg.train.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        opt.step()
+        _plain_step(cfg, model, opt, None, [mb])
         sched.step()
     info = {"targets": list(targets), "batch": batch, "warm_steps": warm_steps, "dtype": dtype,
             "oracle": "exact" if batch <= 12 else f"{permutations} permutations",

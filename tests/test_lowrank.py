@@ -30,7 +30,12 @@ def test_exact_contraction_paths(K, shape):
     d_out, d_in = shape
     a, e = torch.randn(3, 7, d_in, dtype=DT), torch.randn(3, 7, d_out, dtype=DT)
     Ww = torch.randn(K, d_out, d_in, dtype=DT)
-    torch.testing.assert_close(matrix_products(a, e, Ww), reference(a, e, Ww), rtol=1e-12, atol=1e-12)
+    Wb = torch.randn(K, d_out, dtype=DT)
+    torch.testing.assert_close(matrix_products(a, e, Ww)[0], reference(a, e, Ww), rtol=1e-12, atol=1e-12)
+    weight, bias = matrix_products(a, e, Ww, Wb)
+    torch.testing.assert_close(weight, reference(a, e, Ww), rtol=1e-12, atol=1e-12)
+    if bias is not None:  # folded into the GEMM over e
+        torch.testing.assert_close(bias, torch.einsum("bto,ko->bk", e, Wb), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("rank", [3, 5])
@@ -40,16 +45,24 @@ def test_factors_reproduce_a_low_rank_matrix(rank):
     torch.testing.assert_close(f.dense(), W, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(f.energy, torch.ones(2, dtype=DT), rtol=1e-12, atol=1e-12)
     a, e = torch.randn(4, 6, 30, dtype=DT), torch.randn(4, 6, 50, dtype=DT)
-    torch.testing.assert_close(lowrank_products(a, e, f), reference(a, e, W), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(lowrank_products(a, e, f)[0], reference(a, e, W), rtol=1e-9, atol=1e-9)
+    Wb = torch.randn(2, 50, dtype=DT)
+    weight, bias = lowrank_products(a, e, f, Wb)
+    torch.testing.assert_close(weight, reference(a, e, W), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(bias, torch.einsum("bto,ko->bk", e, Wb), rtol=1e-12, atol=1e-12)
 
 
-def test_energy_of_a_truncation():
-    W = torch.randn(1, 60, 40, dtype=DT)
-    f = factorize(W, 4)
+@pytest.mark.parametrize("power_iters", [0, 1])
+def test_energy_of_a_projection(power_iters):
+    W = low_rank(1, 60, 40, rank=40) @ torch.diag(0.8 ** torch.arange(40, dtype=DT))  # a decaying spectrum
+    f = factorize(W, 4, power_iters=power_iters)
     S = torch.linalg.svdvals(W[0])
     best = (S[:4].square().sum() / S.square().sum()).sqrt()
     assert 0 < f.energy.item() <= best.item() + 1e-12  # a projection keeps at most the top-4 energy
-    assert f.energy.item() > 0.9 * best.item()         # and one power iteration gets close to it
+    # the energy reported is that of the dense approximation, and more power iterations get closer to the best
+    torch.testing.assert_close(f.energy, torch.linalg.matrix_norm(f.dense()) / torch.linalg.matrix_norm(W))
+    assert f.energy.item() > (0.98 if power_iters else 0.9) * best.item()
+    torch.testing.assert_close(f.right @ f.right.transpose(1, 2), torch.eye(4, dtype=DT).unsqueeze(0))
 
 
 class Net(nn.Module):

@@ -144,7 +144,8 @@ class Engine:
             gk = torch.autograd.grad(value[k], params, retain_graph=k < value.numel() - 1, allow_unused=True)
             for acc, g in zip(grads, gk):
                 acc.append(None if g is None else g.detach().to(dtype).reshape(-1))
-        h = [None if any(x is None for x in g) else torch.stack(g) for g in grads]
+        h = [None if any(x is None for x in g) else g[0].unsqueeze(0) if len(g) == 1 else torch.stack(g)
+             for g in grads]  # one target: a view, not a copy of every gradient
         value = value.detach()
         if split and self.distributed:
             h = [self.all_reduce_sum(torch.zeros(value.numel(), p.numel(), dtype=dtype, device=p.device)

@@ -1,6 +1,8 @@
 """nn.Linear and transformers' GPT-2 Conv1D: <grad_W l_i, W> = sum_t e_t^T W a_t, one GEMM."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -8,25 +10,30 @@ from .lowrank import Factors, lowrank_products
 from .registry import Rule, bias_products, register
 
 
-def matrix_products(a: torch.Tensor, e: torch.Tensor, Ww: torch.Tensor) -> torch.Tensor:
-    """sum_t e_{i,t}^T W_k a_{i,t} for a [b, T, din], e [b, T, dout], Ww [K, dout, din] -> [b, K].
+def matrix_products(a: torch.Tensor, e: torch.Tensor, Ww: torch.Tensor, Wb: Optional[torch.Tensor] = None):
+    """(sum_t e_{i,t}^T W_k a_{i,t} [b, K], bias products [b, K] or None) for a [b, T, din], e [b, T, dout],
+    Ww [K, dout, din] and optionally Wb [K, dout].
 
     The cheapest exact contraction (measured on CPU, docs/benchmarks.md): for few targets, one GEMM with
     W on the smaller side first (the temporary is [b, T, K, min(din, dout)], never [b, T, K, vocab] for an
-    LM head), then a fused dot (vecdot: einsum's bmm here was 3-10x slower than the GEMM itself). For
-    K >= 4 targets, per-sample gradients in chunks of samples cost one GEMM whatever K.
+    LM head), then a fused dot (vecdot: einsum's bmm here was 3-10x slower than the GEMM itself). When
+    that GEMM runs over e, the bias columns ride along (one pass over e); otherwise the bias products are
+    left to the caller (None). For K >= 4 targets, per-sample gradients in chunks of samples cost one GEMM
+    whatever K.
     """
     b, T, din = a.shape
     K, dout, _ = Ww.shape
     if K >= PER_SAMPLE_MIN_TARGETS and T > 1:
-        return _via_per_sample(a, e, Ww)
+        return _via_per_sample(a, e, Ww), None
     if dout > din:
-        proj, other, d = e.reshape(b * T, dout) @ Ww.permute(1, 0, 2).reshape(dout, K * din), a, din
+        M = Ww.permute(1, 0, 2).reshape(dout, K * din)
+        if Wb is not None:
+            M = torch.cat([M, Wb.reshape(K, dout).T], 1)
+        proj, other, d = e.reshape(b * T, dout) @ M, a, din
     else:
-        proj, other, d = a.reshape(b * T, din) @ Ww.reshape(K * dout, din).T, e, dout
-    if K == 1:
-        return torch.linalg.vecdot(proj.view(b, T * d), other.reshape(b, T * d)).unsqueeze(1)
-    return torch.linalg.vecdot(proj.view(b, T, K, d), other.reshape(b, T, 1, d)).sum(1)
+        proj, other, d, Wb = a.reshape(b * T, din) @ Ww.reshape(K * dout, din).T, e, dout, None
+    weight = torch.linalg.vecdot(proj[:, :K * d].view(b, T, K, d), other.reshape(b, T, 1, d)).sum(1)
+    return weight, (None if Wb is None else proj[:, K * d:].reshape(b, T, K).sum(1))
 
 
 PER_SAMPLE_MIN_TARGETS = 4
@@ -45,11 +52,12 @@ def _via_per_sample(a, e, Ww):
     return torch.cat(out)
 
 
-def weight_products(a3, e3, Ww):
-    """Exact products, or low-rank ones when Capture.products passes `Factors` (Config.product_rank)."""
+def weight_products(a3, e3, Ww, Wb=None):
+    """(weight, bias or None) products: exact, or low-rank when Capture.products passes `Factors`
+    (Config.product_rank)."""
     if isinstance(Ww, Factors):
-        return lowrank_products(a3, e3, Ww)
-    return matrix_products(a3, e3, Ww)
+        return lowrank_products(a3, e3, Ww, Wb)
+    return matrix_products(a3, e3, Ww, Wb)
 
 
 @register(nn.Linear)
@@ -65,8 +73,11 @@ class LinearRule(Rule):
         out = {}
         if "weight" in W:
             Ww = W["weight"]
-            out["weight"] = weight_products(a3, e3, Ww if isinstance(Ww, Factors) else self.weight_matrix(Ww))
-        if "bias" in W:
+            out["weight"], bias = weight_products(a3, e3, Ww if isinstance(Ww, Factors) else self.weight_matrix(Ww),
+                                                  W.get("bias"))
+            if bias is not None:
+                out["bias"] = bias
+        if "bias" in W and "bias" not in out:
             out["bias"] = bias_products(e3, W["bias"])
         return out
 

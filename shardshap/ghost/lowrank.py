@@ -1,10 +1,12 @@
 """Low-rank products for matrix weights (Config.product_rank; DESIGN 2.6, research/calibration.md Q1).
 
-Each matrix weight's product vector W_k ([d_out, d_in]) is replaced by its rank-r approximation
-L_k R_k from a randomized range finder (sketch r + 8, one power iteration, the top-r singular subspace
-of the small projection), computed once per step. Then
-    sum_t e_t^T W_k a_t ~ sum_t (L_k^T e_t) . (R_k a_t)
-costs tokens * r * (d_in + d_out) instead of tokens * d_in * d_out.
+Each matrix weight's product vector W_k ([d_out, d_in]) is replaced by W_k Q Q^T, its projection on an
+r-dimensional row subspace found by a randomized range finder (Q spans W_k^T Omega for a Gaussian
+Omega), computed once per step. Then
+    sum_t e_t^T W_k a_t ~ sum_t (Q^T W_k^T e_t) . (Q^T a_t)
+costs tokens * r * (d_in + d_out) instead of tokens * d_in * d_out. Measured on W1 (docs/benchmarks.md):
+the sketch without power iterations and without oversampling-then-truncating keeps Pearson R >= 0.99997
+against exact values at r = 8-16 and costs 1/3 of the earlier one-power-iteration, truncated sketch.
 """
 from __future__ import annotations
 
@@ -14,16 +16,15 @@ from typing import Optional
 import torch
 
 MIN_ENERGY = 0.95  # below this kept energy ||W_r|| / ||W||, a layer falls back to exact products
-OVERSAMPLE = 8
-POWER_ITERS = 1
+POWER_ITERS = 0   # rounds of W^T W: each costs two more GEMMs per layer; R did not need them (W1)
 SEED = 0x5EED  # a private generator: the sketch never touches training's random numbers
 
 
 @dataclass
 class Factors:
     """W_k ~ left[k] @ right[k] for a weight seen as [K, d_out, d_in]."""
-    left: torch.Tensor    # [K, d_out, r] (orthonormal columns)
-    right: torch.Tensor   # [K, r, d_in]
+    left: torch.Tensor    # [K, d_out, r]: W_k Q
+    right: torch.Tensor   # [K, r, d_in]: Q^T (orthonormal rows; zero rows where W_k has lower rank)
     energy: torch.Tensor  # [K]: ||W_r,k||_F / ||W_k||_F (1 where W_k = 0)
 
     def dense(self) -> torch.Tensor:
@@ -47,33 +48,37 @@ def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
     return Y @ (V * scale.unsqueeze(1)).to(Y.dtype)
 
 
-def factorize(W: torch.Tensor, rank: int, oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS,
+def factorize(W: torch.Tensor, rank: int, power_iters: int = POWER_ITERS,
               generator: Optional[torch.Generator] = None) -> Factors:
-    """Rank-`rank` factors of each W[k] ([K, d_out, d_in]) by the randomized range finder: Q spans W's range,
-    B = Q^T W, and the top-r eigenvectors U_r of B B^T (the left singular vectors of B) give
-    W_r = (Q U_r) (U_r^T B), the projection of W on its estimated top-r left singular subspace."""
+    """Rank-`rank` factors of each W[k] ([K, d_out, d_in]): Q ([d_in, r], orthonormal) spans the rows of
+    W^T Omega (after `power_iters` rounds of W^T W), and W_r = (W Q) Q^T is the projection of W on them, so
+    its kept energy is ||W Q|| / ||W||."""
     K, d_out, d_in = W.shape
-    width = min(rank + oversample, d_out, d_in)
+    r = min(rank, d_out, d_in)
     if generator is None:
         generator = torch.Generator(device=W.device).manual_seed(SEED)
-    omega = torch.randn(K, d_in, width, generator=generator, device=W.device, dtype=W.dtype)
-    Q = _orthonormal(W @ omega)                              # [K, d_out, width]: range of W
+    omega = torch.randn(K, d_out, r, generator=generator, device=W.device, dtype=W.dtype)
+    Wt = W.transpose(1, 2)
+    Q = _orthonormal(Wt @ omega)                             # [K, d_in, r]
     for _ in range(power_iters):                             # re-orthonormalise between products (stability)
-        Q = _orthonormal(W @ _orthonormal(W.transpose(1, 2) @ Q))
-    B = Q.transpose(1, 2) @ W                                # [K, width, d_in]
-    lam, U = torch.linalg.eigh(B.double() @ B.transpose(1, 2).double())  # ascending
-    r = min(rank, width)
-    U_r = U[:, :, -r:].flip(-1).to(W.dtype)                  # top r, largest first
-    kept = lam[:, -r:].clamp_min(0).sum(1).sqrt()
-    norm = torch.linalg.matrix_norm(W).double()
-    energy = torch.where(norm > 0, kept / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.ones_like(norm))
-    return Factors(left=Q @ U_r, right=U_r.transpose(1, 2) @ B, energy=energy.clamp(max=1.0).to(W.dtype))
+        Q = _orthonormal(Wt @ _orthonormal(W @ Q))
+    left = W @ Q
+    norm = torch.linalg.matrix_norm(W)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    energy = torch.where(norm > 0, torch.linalg.matrix_norm(left) / safe, torch.ones_like(norm))
+    return Factors(left=left, right=Q.transpose(1, 2), energy=energy.clamp(max=1.0))
 
 
-def lowrank_products(a: torch.Tensor, e: torch.Tensor, f: Factors) -> torch.Tensor:
-    """sum_t (L_k^T e_{i,t}) . (R_k a_{i,t}) for a [b, T, d_in], e [b, T, d_out] -> [b, K]."""
+def lowrank_products(a: torch.Tensor, e: torch.Tensor, f: Factors, bias: Optional[torch.Tensor] = None):
+    """(weight products [b, K], bias products [b, K] or None) for a [b, T, d_in], e [b, T, d_out]:
+    sum_t (L_k^T e_{i,t}) . (R_k a_{i,t}), and with `bias` ([K, d_out]) sum_t e_{i,t} . bias_k, whose
+    columns ride along in the GEMM over e (one pass over e instead of two)."""
     b, T, d_in = a.shape
     K, d_out, r = f.left.shape
-    ra = a.reshape(b * T, d_in) @ f.right.reshape(K * r, d_in).T                   # [bT, K r]
-    le = e.reshape(b * T, d_out) @ f.left.permute(1, 0, 2).reshape(d_out, K * r)  # [bT, K r]
-    return (ra * le).view(b, T, K, r).sum((1, 3))
+    left = f.left.permute(1, 0, 2).reshape(d_out, K * r)
+    if bias is not None:
+        left = torch.cat([left, bias.reshape(K, d_out).T], 1)
+    le = e.reshape(b * T, d_out) @ left                                  # [bT, K r (+ K)]
+    ra = a.reshape(b * T, d_in) @ f.right.reshape(K * r, d_in).T         # [bT, K r]
+    weight = torch.linalg.vecdot(ra.view(b * T, K, r), le[:, :K * r].view(b * T, K, r)).view(b, T, K).sum(1)
+    return weight, (None if bias is None else le[:, K * r:].reshape(b, T, K).sum(1))

@@ -36,8 +36,17 @@ def _affine_products(xhat, e, W, nfeat):
 class LayerNormRule(Rule):
     def products(self, module, a, e, W):
         shape = tuple(module.normalized_shape)
-        xhat = F.layer_norm(a, shape, eps=module.eps)
-        return _affine_products(xhat, e, W, int(torch.Size(shape).numel()))
+        b = a.shape[0]
+        out = {}
+        if "weight" in W:
+            # sum_t e_t . (xhat_t * W_k): layer_norm applies W_k as its scale in the same pass that normalises
+            Wg = W["weight"]
+            out["weight"] = torch.stack([torch.linalg.vecdot(
+                F.layer_norm(a, shape, weight=Wg[k], eps=module.eps).reshape(b, -1), e.reshape(b, -1))
+                for k in range(Wg.shape[0])], 1)
+        if "bias" in W:
+            out["bias"] = bias_products(e.reshape(b, -1, int(torch.Size(shape).numel())), W["bias"])
+        return out
 
     def per_sample_grads(self, module, a, e, names):
         shape = tuple(module.normalized_shape)

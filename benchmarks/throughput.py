@@ -141,6 +141,20 @@ class ExactRss:
 LIBC = None
 
 
+def keep_freed_memory() -> bool:
+    """glibc returns freed blocks above its mmap threshold (dynamic, from 128 KiB) and the top of its heap to
+    the OS, and every step then page-faults them back in: measured on W1 (CPU, 2 threads) as ~10% of a plain
+    step and ~5% more for an attributed one, whose captured output gradients outlive the backward. Fix the
+    threshold at its 32 MiB maximum and never trim, the way PyTorch's CUDA allocator keeps freed blocks.
+    Returns False where glibc is not there."""
+    global LIBC
+    try:
+        LIBC = LIBC or ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(LIBC.mallopt(-3, 32 * 1024 * 1024) and LIBC.mallopt(-1, 2 ** 31 - 1))  # M_MMAP_, M_TRIM_THRESHOLD
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -424,15 +438,23 @@ def main():
     ap.add_argument("--quick", action="store_true", help="W1 only: 6 rounds, ranks 16, rho sweep of exact/fast")
     ap.add_argument("--profile", choices=["exact", "fast"], help="profile W1 steps instead of the tables")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--warm-steps", type=int, default=12,
+                    help="plain steps before timing (>= 11: past Config.cold_steps, the timed steps are warm)")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="CPU: 'keep' freed memory in the process (no page faults each step; keep_freed_memory) "
+                         "or glibc's 'default'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
+    malloc = "default"
+    if dev.type == "cpu" and args.malloc == "keep" and keep_freed_memory():
+        malloc = "keep freed memory (mmap threshold 32 MiB, no trim)"
     if args.quick:
         args.rounds, args.ranks = 6, [16]
     print(f"torch {torch.__version__}, device {dev}"
           + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f", {args.threads} threads")
-          + f", shardshap {shardshap.__version__}")
-    warm_steps = 12  # past Config.cold_steps = 10: the timed steps are warm (cold steps use Owen's estimator)
+          + f", shardshap {shardshap.__version__}" + (f", malloc: {malloc}" if dev.type == "cpu" else ""))
+    warm_steps = args.warm_steps
     fid_steps = [warm_steps, warm_steps + 3]
 
     if args.profile:

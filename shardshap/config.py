@@ -18,13 +18,14 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"Config.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
 
 
-# What each preset sets (docs/benchmarks.md, "Presets"). 'fast' is meant to be the fastest configuration that
-# keeps Pearson R >= 0.99 against exact values on the throughput benchmark workloads; rank 16 follows
-# research/calibration.md (R >= 0.9999). Measured on W1: 3-7% faster than exact on CPU, 2.6x SLOWER on an
-# H100 (the factorisation is launch- and sync-bound there), so it is a CPU preset for now.
+# What each preset sets (docs/benchmarks.md, "Presets"). 'fast' is the fastest configuration measured to keep
+# Pearson R >= 0.99 against exact values on the throughput benchmark (W1 on a CPU with AMX: R = 0.999999,
+# products 2.6x cheaper than exact). It needs bf16 matrix units (AMX CPUs, GPUs from sm80); elsewhere bf16
+# matmuls are emulated and 'lowrank' is the fast one (the Attributor warns).
 PRESETS: dict[str, dict[str, Any]] = {
-    "exact": {"mode": "exact", "product_rank": None},
-    "fast": {"mode": "exact", "product_rank": 16},
+    "exact": {"mode": "exact", "product_rank": None, "cache_dtype": None},
+    "fast": {"mode": "exact", "product_rank": None, "cache_dtype": "bfloat16"},
+    "lowrank": {"mode": "exact", "product_rank": 16, "cache_dtype": None},
 }
 
 
@@ -49,19 +50,26 @@ class Config:
         "output gradients, no per-sample gradients).")})
     product_rank: Optional[int] = field(default=None, metadata={"help": (
         "None: exact products. An integer r: approximate each matrix weight's product vector W_k "
-        "(nn.Linear, HF Conv1D) by rank r (randomized range finder: sketch r+8, one power iteration, "
-        "truncated to r; once per step), so that products cost tokens*r*(d_in+d_out) instead of "
-        "tokens*d_in*d_out. A layer whose kept energy ||W_r||/||W|| is below 0.95 retries at rank 2r, 4r, "
-        "... while that still saves work, else uses exact products; layers where rank r saves nothing stay "
-        "exact. The step metadata has product_energy, product_layer_rank and product_exact_layers. "
-        "Embeddings, norms and biases stay exact. Training is unchanged; only the values are approximate "
-        "(Pearson R >= 0.9999 vs exact at r=16 in calibration).")})
+        "(nn.Linear, HF Conv1D) by its projection on an r-dimensional row subspace (randomized range "
+        "finder, once per step), so that products cost tokens*r*(d_in+d_out) instead of tokens*d_in*d_out. "
+        "A layer whose kept energy ||W_r||/||W|| is below 0.95 retries at rank 2r, 4r, ... while that still "
+        "saves work, else uses exact products; layers where rank r saves nothing stay exact. The step "
+        "metadata has product_energy, product_layer_rank and product_exact_layers. Embeddings, norms and "
+        "biases stay exact. Training is unchanged; only the values are approximate (Pearson R >= 0.9998 vs "
+        "exact at r=8-16 on the W1 benchmark).")})
+    cache_dtype: Optional[str] = field(default=None, metadata={"help": (
+        "None: the captured activations and output gradients are kept as they come and the products run in "
+        "compute_dtype (exact). 'bfloat16': they are cast to bf16 as they are captured (half the cache's "
+        "memory) and the products run in bf16 with float32 accumulation inside each matrix multiplication "
+        "(bf16 matrix units: AMX on recent Xeons, tensor cores on GPUs); values carry bf16 rounding "
+        "(about 3 significant digits per layer and sample), so the completeness check allows 2% per layer. "
+        "Training is unchanged.")})
     preset: Optional[str] = field(default=None, metadata={"help": (
-        "A named set of field values: 'exact' (the reference: product_rank=None) or 'fast' (product_rank=16: "
-        "low-rank products, Pearson R >= 0.9999 against exact values in calibration and on the W1 benchmark; "
-        "a few percent faster than exact on CPU, slower on GPUs: use 'exact' there; docs/benchmarks.md). "
-        "The preset fills the fields it names; giving one of them a non-default value that differs from the "
-        "preset's is an error (drop the preset or that field).")})
+        "A named set of field values: 'exact' (the reference), 'fast' (cache_dtype='bfloat16': products on "
+        "bf16 matrix units, Pearson R 0.999999 against exact on the W1 benchmark; for GPUs from sm80 and "
+        "CPUs with AMX) or 'lowrank' (product_rank=16: for CPUs without bf16 units). docs/benchmarks.md has "
+        "the measurements. The preset fills the fields it names; giving one of them a non-default value that "
+        "differs from the preset's is an error (drop the preset or that field).")})
     reduction: str = field(default="mean", metadata={"help": (
         "How the training loss combines per-sample losses: 'mean' (L = sum_i l_i / |B|, the usual) or "
         "'sum'. |B| counts every sample of every micro-batch of the optimizer step.")})
@@ -111,6 +119,7 @@ class Config:
         _choice("compute_dtype", self.compute_dtype, ("auto", "float32", "float64"))
         _choice("cold_start", self.cold_start, ("owen", "none"))
         _choice("target_sharding", self.target_sharding, ("replicated", "split"))
+        _choice("cache_dtype", self.cache_dtype, (None, "bfloat16"))
         if not (isinstance(self.cold_steps, int) and self.cold_steps >= 0):
             raise ConfigError(f"Config.cold_steps={self.cold_steps!r} must be a non-negative integer")
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))

@@ -150,13 +150,81 @@ def test_tied_gpt2_low_rank_step():
     assert "product_energy" not in ref.metadata and ref.metadata["product_rank"] is None
 
 
+@pytest.mark.parametrize("rank", [None, 4])
+def test_bf16_cache_values_track_exact_and_training_is_unchanged(rank):
+    """Config(cache_dtype='bfloat16'): captures kept in bf16, products in bf16 (alone and with low rank).
+    The reference is exact float32 mode on copies of the same state (itself checked against torch.func
+    per-sample gradients in test_ghost.py); parameters must equal plain training bit for bit."""
+    case = cases.tiny_gpt2(batch_size=8, dtype=torch.float32, tie=True)
+    opt = torch.optim.AdamW(case.model.parameters(), lr=3e-3, weight_decay=0.1)
+    ref_model, ref_opt = copy.deepcopy((case.model, opt))
+    attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
+                                shardshap.Config(cache_dtype="bfloat16", product_rank=rank, max_grad_norm=1.0))
+    assert attr.capture.cache_dtype == torch.bfloat16
+    for s in range(13):  # cold (Owen) and warm steps
+        b, ids = case.batches(s)
+        m2, o2 = copy.deepcopy((case.model, opt))
+        with shardshap.Attributor(m2, o2, case.train_loss, case.target_loss,
+                                  shardshap.Config(product_rank=rank, max_grad_norm=1.0)) as exact:
+            ref = exact.step(b, ids, None).scores
+        out = attr.step(b, ids, None).scores  # the completeness check (2% for bf16) runs on every step
+        assert out.dtype == torch.float32
+        for k in range(ref.shape[1]):
+            r = torch.corrcoef(torch.stack([out[:, k], ref[:, k]]))[0, 1].item()
+            assert r > 0.999, f"step {s} target {k}: R {r:.5f}"
+        torch.testing.assert_close(out.sum(0), ref.sum(0), rtol=2e-2, atol=1e-3 * ref.abs().sum().item())
+        plain_step(ref_model, ref_opt, case.train_loss, [b], 1.0)
+    attr.close()
+    assert_same(case.model, opt, ref_model, ref_opt)
+
+
+def test_bf16_capture_keeps_bf16_and_products_track_float32():
+    model = Net().float()
+    W = {id(p): torch.randn(2, *p.shape) for p in model.parameters()}
+    x = torch.randn(5, 4, 64, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for cache in (None, torch.bfloat16):
+        cap = Capture(plan(model, []), cache_dtype=cache)
+        with cap.recording(5, 0):
+            model(x).square().mean((1, 2)).sum().backward()
+        calls = [c for cs in cap.calls.values() for c in cs]
+        assert {c.a.dtype for c in calls} == {c.e.dtype for c in calls} == {cache or torch.float32}
+        out[cache] = cap.products(W, [5], torch.float32)
+        cap.remove()
+    for name, ref in out[None].items():
+        assert out[torch.bfloat16][name].dtype == torch.float32
+        torch.testing.assert_close(out[torch.bfloat16][name], ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
+def test_bf16_cache_warns_where_bf16_is_emulated(monkeypatch):
+    case = cases.tiny_gpt2(batch_size=4, dtype=torch.float32)
+    opt = torch.optim.AdamW(case.model.parameters())
+    make = lambda: shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
+                                        shardshap.Config(preset="fast")).close()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    with pytest.warns(UserWarning, match="CPU without AMX.*preset='lowrank'"):
+        make()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make()
+
+
 def test_presets_resolve_and_validate():
     fast, exact = shardshap.Config(preset="fast"), shardshap.Config(preset="exact")
-    assert fast.product_rank == 16 and exact.product_rank is None
-    assert shardshap.Config(preset="fast", product_rank=16).product_rank == 16  # agreeing is fine
+    lowrank = shardshap.Config(preset="lowrank")
+    assert (fast.product_rank, fast.cache_dtype) == (None, "bfloat16")
+    assert (exact.product_rank, exact.cache_dtype) == (None, None)
+    assert (lowrank.product_rank, lowrank.cache_dtype) == (16, None)
+    assert shardshap.Config(preset="lowrank", product_rank=16).product_rank == 16  # agreeing is fine
     assert shardshap.Config(preset="fast", order=1).order == 1                  # fields it does not set stay free
-    with pytest.raises(shardshap.ConfigError, match="preset='fast' sets product_rank=16"):
+    with pytest.raises(shardshap.ConfigError, match="preset='lowrank' sets product_rank=16"):
+        shardshap.Config(preset="lowrank", product_rank=8)
+    with pytest.raises(shardshap.ConfigError, match="preset='fast' sets product_rank=None"):
         shardshap.Config(preset="fast", product_rank=8)
+    with pytest.raises(shardshap.ConfigError, match="cache_dtype"):
+        shardshap.Config(cache_dtype="float16")
     with pytest.raises(shardshap.ConfigError, match="preset='exact' sets product_rank=None"):
         shardshap.Config(preset="exact", product_rank=8)
     with pytest.raises(shardshap.ConfigError, match="preset"):
@@ -166,7 +234,7 @@ def test_presets_resolve_and_validate():
             shardshap.Config(product_rank=bad)
     assert shardshap.Config.from_dict(fast.to_dict()) == fast
     helps = shardshap.Config.fields_help()
-    assert "rank" in helps["product_rank"] and "fast" in helps["preset"]
+    assert "rank" in helps["product_rank"] and "fast" in helps["preset"] and "bf16" in helps["cache_dtype"]
 
 
 @pytest.mark.parametrize("rank", [2, 16])

@@ -108,8 +108,9 @@ class Capture:
     gradient there. Active only inside `recording()` (training forward/backward), never during
     target passes."""
 
-    def __init__(self, plan_: Plan):
+    def __init__(self, plan_: Plan, cache_dtype: Optional[torch.dtype] = None):
         self.plan = plan_
+        self.cache_dtype = cache_dtype  # None: keep captures as they come; bf16: cast while they are hot
         self.calls: dict[str, list[_Call]] = {am.name: [] for am in plan_.modules}
         self._batch_size: Optional[int] = None
         self._micro = 0
@@ -133,12 +134,17 @@ class Capture:
                     "sample_ids does not match the batch (one id per sample, in batch order), or the module does "
                     "not take the batch as the first dimension of its input (exclude it with "
                     "Config(exclude=[...]) if it is shared across the batch).")
-            call = _Call(self._micro, a.detach())
+            call = _Call(self._micro, self._keep(a.detach()))
             self.calls[am.name].append(call)
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(lambda g, call=call: setattr(call, "e", g.detach()))
+                output.register_hook(lambda g, call=call: setattr(call, "e", self._keep(g.detach())))
             return output if expanded is not None else None
         return hook
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache_dtype is None or not x.is_floating_point():
+            return x
+        return x.to(self.cache_dtype)
 
     @contextmanager
     def recording(self, batch_size: int, micro: int):
@@ -180,17 +186,19 @@ class Capture:
         out = {n: torch.zeros(offsets[-1], K, dtype=dtype, device=device) for n in self.plan.params}
         self.lowrank_info = {}
         factors = self._factorize(W, rank, names) if rank is not None else {}
+        low = self.cache_dtype  # products in the cache's dtype (bf16 matrix units), added up in `dtype`
+        work = dtype if low is None else low
         for am in self.plan.modules:
-            Wm = {local: W[id(p)] for local, p in am.params.items()}
+            Wm = {local: W[id(p)].to(work) for local, p in am.params.items()}
             if "weight" in am.params and id(am.params["weight"]) in factors:
                 rule, f = factors[id(am.params["weight"])]
                 if rule is am.rule:  # same orientation; other uses of a tied weight take the dense W_r
-                    Wm["weight"] = f
+                    Wm["weight"] = f if low is None else Factors(f.left.to(low), f.right.to(low), f.energy)
             for call in self.calls[am.name]:
                 if call.e is None:
                     continue
-                a = call.a if not call.a.is_floating_point() else call.a.to(dtype)
-                res = am.rule.products(am.module, a, call.e.to(dtype), Wm)
+                a = call.a if not call.a.is_floating_point() else call.a.to(work)
+                res = am.rule.products(am.module, a, call.e.to(work), Wm)
                 lo, hi = offsets[call.micro], offsets[call.micro + 1]
                 for local, val in res.items():
                     out[names[id(am.params[local])]][lo:hi] += val

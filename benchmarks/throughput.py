@@ -426,6 +426,72 @@ def profile(wl: Workload, cfg: shardshap.Config, steps: int, start: int):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
+def breakdown(wl: Workload, cfg: shardshap.Config, steps: int, start: int):
+    """Wall-clock split of attributed steps (perf_counter around each phase and each product rule, no
+    profiler), and what recording the training forward/backward costs over a plain one."""
+    import collections
+    import shardshap.attributor as A
+    runner, plain = Runner(wl, cfg), Runner(wl, None)
+    attr, spent = runner.attr, collections.defaultdict(float)
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t0
+        return wrapper
+
+    for am in attr.plan.modules:  # one wrapper per rule object (modules share them)
+        if not getattr(am.rule, "_timed", False):
+            am.rule.products = timed(f"products: {type(am.rule).__name__}", am.rule.products)
+            am.rule._timed = True
+    attr.capture._factorize = timed("products: low-rank factorisation", attr.capture._factorize)
+    attr.capture.products = timed("products (all)", attr.capture.products)
+    attr._target_gradients = timed("target pass (shift, fwd+bwd, restore)", attr._target_gradients)
+    attr._check_completeness = timed("completeness check", attr._check_completeness)
+    orig_freeze, A.freeze = A.freeze, timed("freeze (secant slope, midpoint)", A.freeze)
+    try:
+        for s in range(2):
+            runner.step(start + s)
+            plain.step(start + s)
+        spent.clear()
+        total = {"plain": 0.0, "attributed": 0.0}
+        for s in range(steps):
+            for name, r in (("plain", plain), ("attributed", runner)):
+                t0 = time.perf_counter()
+                r.step(start + 2 + s)
+                total[name] += time.perf_counter() - t0
+    finally:
+        A.freeze = orig_freeze
+    x, ids = wl.batch(start)
+    rec = {False: [], True: []}
+    for i in range(2 * steps + 2):  # training forward+backward with and without recording, alternating
+        for recording in (False, True):
+            runner.model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            if recording:
+                with attr.capture.recording(len(ids), 0):
+                    train_loss(runner.model, x).mean().backward()
+            else:
+                train_loss(runner.model, x).mean().backward()
+            rec[recording].append(time.perf_counter() - t0)
+            attr.capture.clear()
+    runner.model.zero_grad(set_to_none=True)
+    fb = {k: statistics.median(v[2:]) for k, v in rec.items()}
+    plain_ms = 1e3 * total["plain"] / steps
+    print(f"\n### Breakdown: W1, preset {cfg.preset!r}, {steps} steps of each after step {start}\n")
+    print("| phase | ms / step | % of a plain step |")
+    print("|---|---|---|")
+    rows = [("plain step", plain_ms), ("attributed step", 1e3 * total["attributed"] / steps)]
+    rows += [(k, 1e3 * v / steps) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])]
+    rows += [("recording the training forward+backward (median over plain)", 1e3 * (fb[True] - fb[False]))]
+    for key, ms in rows:
+        print(f"| {key} | {ms:.1f} | {100 * ms / plain_ms:.1f}% |")
+    runner.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", nargs="+", default=["w1"], choices=["w1", "w2"])
@@ -439,6 +505,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="W1 only: 6 rounds, ranks 16, rho sweep of exact/fast")
     ap.add_argument("--profile", choices=["exact", "fast", "lowrank"], help="profile W1 steps of that preset "
                     "instead of the tables")
+    ap.add_argument("--breakdown", choices=["exact", "fast", "lowrank"], help="wall-clock split of W1 steps of "
+                    "that preset (phases, product rules, recording overhead) instead of the tables")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--warm-steps", type=int, default=12,
                     help="plain steps before timing (>= 11: past Config.cold_steps, the timed steps are warm)")
@@ -459,11 +527,13 @@ def main():
     warm_steps = args.warm_steps
     fid_steps = [warm_steps, warm_steps + 3]
 
-    if args.profile:
+    if args.profile or args.breakdown:
         wl = make_workload("w1", dev, 2)
         warm(wl, warm_steps)
-        cfg = shardshap.Config(preset=args.profile)
-        profile(wl, cfg, 3, warm_steps)
+        if args.profile:
+            profile(wl, shardshap.Config(preset=args.profile), 3, warm_steps)
+        else:
+            breakdown(wl, shardshap.Config(preset=args.breakdown), 5, warm_steps)
         return
 
     if "w1" in args.workloads:

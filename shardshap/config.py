@@ -59,8 +59,8 @@ class Config:
         "exact at r=8-16 on the W1 benchmark).")})
     cache_dtype: Optional[str] = field(default=None, metadata={"help": (
         "None: the captured activations and output gradients are kept as they come and the products run in "
-        "compute_dtype (exact). 'bfloat16': they are cast to bf16 as they are captured (half the cache's "
-        "memory) and the products run in bf16 with float32 accumulation inside each matrix multiplication "
+        "compute_dtype (exact). 'bfloat16': they are cast to bf16 as they are captured and the products run in "
+        "bf16 with float32 accumulation inside each matrix multiplication "
         "(bf16 matrix units: AMX on recent Xeons, tensor cores on GPUs); values carry bf16 rounding "
         "(about 3 significant digits per layer and sample), so the completeness check allows 2% per layer. "
         "Training is unchanged.")})

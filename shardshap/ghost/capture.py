@@ -96,6 +96,10 @@ def plan(model: nn.Module, exclude: list[str], trainable: Optional[set[int]] = N
     return Plan(modules=modules, params=params, excluded=sorted(excluded_names))
 
 
+def _cast(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return x if dtype is None or not x.is_floating_point() else x.to(dtype)
+
+
 @dataclass
 class _Call:
     micro: int
@@ -110,7 +114,9 @@ class Capture:
 
     def __init__(self, plan_: Plan, cache_dtype: Optional[torch.dtype] = None):
         self.plan = plan_
-        self.cache_dtype = cache_dtype  # None: keep captures as they come; bf16: cast while they are hot
+        # None: keep captures as they come. bf16: matrix rules' captures are cast while they are hot (their
+        # products are GEMMs that bf16 units speed up); norms and embeddings gain nothing and stay as they are
+        self.cache_dtype = cache_dtype
         self.calls: dict[str, list[_Call]] = {am.name: [] for am in plan_.modules}
         self._batch_size: Optional[int] = None
         self._micro = 0
@@ -134,17 +140,13 @@ class Capture:
                     "sample_ids does not match the batch (one id per sample, in batch order), or the module does "
                     "not take the batch as the first dimension of its input (exclude it with "
                     "Config(exclude=[...]) if it is shared across the batch).")
-            call = _Call(self._micro, self._keep(a.detach()))
+            low = self.cache_dtype if am.rule.low_precision_pays else None
+            call = _Call(self._micro, _cast(a.detach(), low))
             self.calls[am.name].append(call)
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(lambda g, call=call: setattr(call, "e", self._keep(g.detach())))
+                output.register_hook(lambda g, call=call: setattr(call, "e", _cast(g.detach(), low)))
             return output if expanded is not None else None
         return hook
-
-    def _keep(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cache_dtype is None or not x.is_floating_point():
-            return x
-        return x.to(self.cache_dtype)
 
     @contextmanager
     def recording(self, batch_size: int, micro: int):
@@ -186,9 +188,10 @@ class Capture:
         out = {n: torch.zeros(offsets[-1], K, dtype=dtype, device=device) for n in self.plan.params}
         self.lowrank_info = {}
         factors = self._factorize(W, rank, names) if rank is not None else {}
-        low = self.cache_dtype  # products in the cache's dtype (bf16 matrix units), added up in `dtype`
-        work = dtype if low is None else low
         for am in self.plan.modules:
+            # matrix rules run in the cache's dtype (bf16 matrix units); the sums are kept in `dtype`
+            low = self.cache_dtype if am.rule.low_precision_pays else None
+            work = dtype if low is None else low
             Wm = {local: W[id(p)].to(work) for local, p in am.params.items()}
             if "weight" in am.params and id(am.params["weight"]) in factors:
                 rule, f = factors[id(am.params["weight"])]

@@ -10,6 +10,8 @@ from .registry import Rule, bias_products, register
 
 @register(nn.Conv1d, nn.Conv2d)
 class ConvRule(Rule):
+    low_precision_pays = True
+
     def validate(self, module, name):
         if module.padding_mode != "zeros":
             raise NotImplementedError(f"{name}: Conv padding_mode={module.padding_mode!r} is not supported "

@@ -62,6 +62,8 @@ def weight_products(a3, e3, Ww, Wb=None):
 
 @register(nn.Linear)
 class LinearRule(Rule):
+    low_precision_pays = True
+
     @staticmethod
     def weight_matrix(Ww):
         """[K, dout, din] view of W["weight"] (its own inverse: also maps back)."""

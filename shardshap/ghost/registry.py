@@ -16,6 +16,8 @@ class Rule:
     """Base class of a product rule. Subclasses set `param_names` and implement `products`."""
 
     param_names: tuple[str, ...] = ("weight", "bias")
+    # products are matrix multiplications that bf16 matrix units speed up (Config.cache_dtype applies)
+    low_precision_pays: bool = False
 
     def validate(self, module: nn.Module, name: str) -> None:
         """Raise for module options the rule does not support (checked once, before training)."""

@@ -1,0 +1,73 @@
+"""Micro-probes behind docs/benchmarks.md ("What changed this round"): one-off kernels timed in isolation.
+
+    python benchmarks/micro.py gemm                  # fp32 vs bf16 GEMM at a W1 product shape
+    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/micro.py gemm    # the same without bf16 matrix units
+    python benchmarks/micro.py factorize             # the low-rank sketch of 17 W1-shaped matrices
+    python benchmarks/micro.py freeze [--compile]    # the Adam secant map of 1M parameters, eager (and compiled)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from shardshap.ghost.lowrank import factorize  # noqa: E402
+from shardshap.optim.adam import AdamRule  # noqa: E402
+
+
+def ms(fn, n=10) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return 1e3 * (time.perf_counter() - t0) / n
+
+
+def gemm():
+    e, W = torch.randn(4096, 1024), torch.randn(1024, 256)  # W1's c_fc output gradients x its product matrix
+    eb, Wb = e.bfloat16(), W.bfloat16()
+    print(f"[4096 x 1024] @ [1024 x 256]: fp32 {ms(lambda: e @ W):.2f} ms, bf16 {ms(lambda: eb @ Wb):.2f} ms, "
+          f"cast of e to bf16 {ms(lambda: e.bfloat16()):.2f} ms (ONEDNN_MAX_CPU_ISA="
+          f"{os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL')}, AMX: {torch.cpu._is_amx_tile_supported()})")
+
+
+def factorize_w1():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(768, 256), (256, 256), (1024, 256), (256, 1024)] * 4 + [(4096, 256)]  # 4 blocks + LM head
+    mats = [torch.randn(1, o, i, generator=g) @ torch.diag(torch.linspace(1, 0.01, i)) for o, i in shapes]
+    for p in (0, 1):
+        print(f"rank 16, power_iters {p}: {ms(lambda: [factorize(W, 16, power_iters=p) for W in mats], 5):.1f} ms "
+              "for the 17 matrices")
+
+
+def freeze(compile_too: bool):
+    n, rule = 1 << 20, AdamRule(decoupled_default=True)
+    p, g = torch.nn.Parameter(torch.randn(n)), torch.randn(n) * 1e-3
+    state = {"step": torch.tensor(20.0), "exp_avg": torch.randn(n) * 1e-3, "exp_avg_sq": torch.rand(n) * 1e-6}
+    group = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+
+    def secant(g, m, v, theta):
+        step = rule.step_map(theta, g, group, {"step": state["step"], "exp_avg": m, "exp_avg_sq": v}, g.dtype)
+        return step.slope, step.midpoint(g)
+
+    args = (g, state["exp_avg"], state["exp_avg_sq"], p.detach())
+    print(f"secant slope + midpoint of 1M parameters, eager: {ms(lambda: secant(*args)):.2f} ms")
+    if compile_too:
+        fused = torch.compile(secant, dynamic=True)
+        t0 = time.perf_counter()
+        fused(*args)
+        print(f"  torch.compile: first call {time.perf_counter() - t0:.1f} s, then {ms(lambda: fused(*args)):.2f} ms")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("probe", choices=["gemm", "factorize", "freeze"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    {"gemm": gemm, "factorize": factorize_w1, "freeze": lambda: freeze(a.compile)}[a.probe]()

@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--low-level", action="store_true", help="the user's own loop: attr.record + attr.attribute")
     ap.add_argument("--store", default=None, help="stream the values to this store")
     ap.add_argument("--cold-steps", type=int, default=10, help="Config.cold_steps")
+    ap.add_argument("--preset", default=None, help="Config.preset")
     ap.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "fsdp-keep"],
                     help="fsdp-keep: FSDP2 with reshard_after_forward=False")
     args = ap.parse_args()
@@ -59,7 +60,8 @@ def main():
                 raise RuntimeError("injected failure on rank 1")
             return case.train_loss(m, b)
     attr = shardshap.Attributor(model, opt, train_loss, case.target_loss,
-                                shardshap.Config(max_grad_norm=1.0, num_samples=64, cold_steps=args.cold_steps),
+                                shardshap.Config(max_grad_norm=1.0, num_samples=64, cold_steps=args.cold_steps,
+                                                 preset=args.preset),
                                 store=args.store)
     ids_out, scores_out = [], []
     for step in range(STEPS):

@@ -85,12 +85,13 @@ def test_torchrun_matches_single_process(tmp_path, engine):
 @pytest.mark.parametrize("preset", ["fast", "lowrank"])
 def test_presets_under_fsdp2(tmp_path, preset):
     """bf16 products and low-rank products with FSDP2 (W gathered module by module) give one process's values:
-    the same bf16 rounding and the same sketch of the same gathered W (measured: 1e-7 relative)."""
+    the same sketch of the same gathered W (measured 2e-7 relative) and the same bf16 products up to an
+    occasional rounding flip where float sums were added in another order (measured up to 4e-5)."""
     prefix = str(tmp_path / preset)
     proc, _ = run([os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER, "--engine", "fsdp",
                    "--preset", preset, "--out", prefix])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_against_reference(prefix, preset=preset)
+    check_against_reference(prefix, preset=preset, tol=1e-3 if preset == "fast" else 1e-5)
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])

@@ -4,6 +4,7 @@
     ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/micro.py gemm    # the same without bf16 matrix units
     python benchmarks/micro.py factorize             # the low-rank sketch of 17 W1-shaped matrices
     python benchmarks/micro.py freeze [--compile]    # the Adam secant map of 1M parameters, eager (and compiled)
+    python benchmarks/micro.py target [--workload w2]  # the target forward+backward, float32 vs bf16 autocast
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 from shardshap.ghost.lowrank import factorize  # noqa: E402
 from shardshap.optim.adam import AdamRule  # noqa: E402
 
@@ -63,11 +65,38 @@ def freeze(compile_too: bool):
         print(f"  torch.compile: first call {time.perf_counter() - t0:.1f} s, then {ms(lambda: fused(*args)):.2f} ms")
 
 
+def target(workload: str):
+    import statistics
+    import throughput as tp
+    tp.keep_freed_memory()
+    wl = tp.make_workload(workload, "cpu", 2)
+    params = list(wl.model.parameters())
+
+    def grads(bf16: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            value = tp.target_loss(wl.model, wl.targets)
+        return torch.autograd.grad(value, params)
+    times = {False: [], True: []}
+    for _ in range(6 if workload == "w1" else 3):
+        for bf16 in (False, True):
+            t0 = time.perf_counter()
+            grads(bf16)
+            times[bf16].append(time.perf_counter() - t0)
+    g32, g16 = grads(False), grads(True)
+    dot = sum((a.double() * b.double()).sum() for a, b in zip(g32, g16))
+    norms = [sum(x.double().square().sum() for x in g).sqrt() for g in (g32, g16)]
+    print(f"{workload} target forward+backward (2 sequences): float32 {1e3 * statistics.median(times[False][1:]):.0f} ms, "
+          f"bf16 autocast {1e3 * statistics.median(times[True][1:]):.0f} ms; cosine of the target gradients "
+          f"{(dot / (norms[0] * norms[1])).item():.6f}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("probe", choices=["gemm", "factorize", "freeze"])
+    ap.add_argument("probe", choices=["gemm", "factorize", "freeze", "target"])
+    ap.add_argument("--workload", default="w1", choices=["w1", "w2"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    {"gemm": gemm, "factorize": factorize_w1, "freeze": lambda: freeze(a.compile)}[a.probe]()
+    {"gemm": gemm, "factorize": factorize_w1, "freeze": lambda: freeze(a.compile),
+     "target": lambda: target(a.workload)}[a.probe]()

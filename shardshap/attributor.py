@@ -115,7 +115,8 @@ def _warn_if_bf16_is_emulated(device: torch.device) -> None:
     else:
         return
     if not native:
-        warnings.warn(f"Config(cache_dtype='bfloat16') on a {what}: bf16 matrix multiplications are emulated "
+        warnings.warn(f"bf16 attribution math (Config cache_dtype / target_dtype) on a {what}: bf16 matrix "
+                      "multiplications are emulated "
                       "there (measured 1.3x to 120x slower than float32 on CPUs without AMX), so attribution gets "
                       "slower, not faster; use preset='lowrank' (product_rank=16) or 'exact'", stacklevel=3)
 
@@ -154,9 +155,11 @@ class Attributor:
         if not self.plan.params:
             raise AttributionError("no trainable parameter to attribute: every parameter is frozen, outside "
                                    "the optimizer, or excluded")
-        self.capture = Capture(self.plan, cache_dtype={None: None, "bfloat16": torch.bfloat16}[self.config.cache_dtype])
-        if self.capture.cache_dtype is not None:
-            _warn_if_bf16_is_emulated(next(iter(self.plan.params.values())).device)
+        cache_dtype = {None: None, "bfloat16": torch.bfloat16}[self.config.cache_dtype]
+        self.capture = Capture(self.plan, cache_dtype=cache_dtype)
+        self._device = next(iter(self.plan.params.values())).device
+        if self.config.cache_dtype is not None or self.config.target_dtype is not None:
+            _warn_if_bf16_is_emulated(self._device)
         any_f64 = any(p.dtype == torch.float64 for p in self.module.parameters())
         self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(
             self.config.compute_dtype, torch.float64 if any_f64 else torch.float32)
@@ -436,7 +439,9 @@ class Attributor:
         return h, value.to(self.dtype)
 
     def _evaluate_targets(self, targets) -> torch.Tensor:
-        value = self.target_loss(self.module, targets)
+        # Config.target_dtype: the target forward (and so its backward) under bf16 autocast
+        with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=self.config.target_dtype is not None):
+            value = self.target_loss(self.module, targets)
         if not torch.is_tensor(value) or value.dim() > 1 or value.numel() == 0:
             raise AttributionError(
                 "target_loss must return a 0-d tensor (one target) or a 1-d tensor [K] (one loss per "

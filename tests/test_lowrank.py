@@ -150,16 +150,23 @@ def test_tied_gpt2_low_rank_step():
     assert "product_energy" not in ref.metadata and ref.metadata["product_rank"] is None
 
 
-@pytest.mark.parametrize("rank", [None, 4])
-def test_bf16_cache_values_track_exact_and_training_is_unchanged(rank):
-    """Config(cache_dtype='bfloat16'): captures kept in bf16, products in bf16 (alone and with low rank).
+@pytest.mark.parametrize("rank,target", [(None, None), (4, None), (None, "bfloat16")])
+def test_bf16_cache_values_track_exact_and_training_is_unchanged(rank, target):
+    """Config(cache_dtype='bfloat16'): captures kept in bf16, products in bf16 (alone, with low rank, and with
+    the target pass under bf16 autocast as preset 'fast' runs it).
     The reference is exact float32 mode on copies of the same state (itself checked against torch.func
     per-sample gradients in test_ghost.py); parameters must equal plain training bit for bit."""
     case = cases.tiny_gpt2(batch_size=8, dtype=torch.float32, tie=True)
     opt = torch.optim.AdamW(case.model.parameters(), lr=3e-3, weight_decay=0.1)
     ref_model, ref_opt = copy.deepcopy((case.model, opt))
-    attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
-                                shardshap.Config(cache_dtype="bfloat16", product_rank=rank, max_grad_norm=1.0))
+    seen = []
+
+    def target_loss(m, t):  # records whether the target pass runs under bf16 autocast
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return case.target_loss(m, t)
+    attr = shardshap.Attributor(case.model, opt, case.train_loss, target_loss,
+                                shardshap.Config(cache_dtype="bfloat16", product_rank=rank, max_grad_norm=1.0,
+                                                 target_dtype=target))
     assert attr.capture.cache_dtype == torch.bfloat16
     for s in range(13):  # cold (Owen) and warm steps
         b, ids = case.batches(s)
@@ -175,6 +182,7 @@ def test_bf16_cache_values_track_exact_and_training_is_unchanged(rank):
         torch.testing.assert_close(out.sum(0), ref.sum(0), rtol=2e-2, atol=1e-3 * ref.abs().sum().item())
         plain_step(ref_model, ref_opt, case.train_loss, [b], 1.0)
     attr.close()
+    assert seen and all(x == (target is not None) for x in seen)
     assert_same(case.model, opt, ref_model, ref_opt)
 
 
@@ -202,7 +210,7 @@ def test_bf16_cache_warns_where_bf16_is_emulated(monkeypatch):
     make = lambda: shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
                                         shardshap.Config(preset="fast")).close()
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    with pytest.warns(UserWarning, match="CPU without AMX.*preset='lowrank'"):
+    with pytest.warns(UserWarning, match="bf16 attribution math.*CPU without AMX.*preset='lowrank'"):
         make()
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     import warnings
@@ -214,7 +222,7 @@ def test_bf16_cache_warns_where_bf16_is_emulated(monkeypatch):
 def test_presets_resolve_and_validate():
     fast, exact = shardshap.Config(preset="fast"), shardshap.Config(preset="exact")
     lowrank = shardshap.Config(preset="lowrank")
-    assert (fast.product_rank, fast.cache_dtype) == (None, "bfloat16")
+    assert (fast.product_rank, fast.cache_dtype, fast.target_dtype) == (None, "bfloat16", "bfloat16")
     assert (exact.product_rank, exact.cache_dtype) == (None, None)
     assert (lowrank.product_rank, lowrank.cache_dtype) == (16, None)
     assert shardshap.Config(preset="lowrank", product_rank=16).product_rank == 16  # agreeing is fine
@@ -225,6 +233,8 @@ def test_presets_resolve_and_validate():
         shardshap.Config(preset="fast", product_rank=8)
     with pytest.raises(shardshap.ConfigError, match="cache_dtype"):
         shardshap.Config(cache_dtype="float16")
+    with pytest.raises(shardshap.ConfigError, match="target_dtype"):
+        shardshap.Config(target_dtype="float16")
     with pytest.raises(shardshap.ConfigError, match="preset='exact' sets product_rank=None"):
         shardshap.Config(preset="exact", product_rank=8)
     with pytest.raises(shardshap.ConfigError, match="preset"):

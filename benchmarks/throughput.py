@@ -332,7 +332,7 @@ def configs(rank_list) -> dict[str, object]:
     for r in rank_list:
         out[f"rank {r}"] = shardshap.Config(product_rank=r)
     out["bf16 cache + rank 16"] = shardshap.Config(cache_dtype="bfloat16", product_rank=16)
-    out["preset fast"] = shardshap.Config(preset="fast")  # the bf16 cache, exact contraction
+    out["preset fast"] = shardshap.Config(preset="fast")  # bf16 cache and target pass, exact contraction
     return out
 
 

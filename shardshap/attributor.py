@@ -516,12 +516,7 @@ class Attributor:
         sums = self.engine.all_reduce_sum(torch.stack(
             [torch.stack([per_param[n].sum(0), per_param[n].abs().sum(0)]) for n in names]))
         def expected(p):  # [2, K]: <batch gradient, W> on owned elements, and its rounding scale
-            if W is None:
-                w = owned[id(p)]
-            elif not self.engine.partitioned:  # every element is owned: W itself, no copy
-                w = W[id(p)].reshape(W[id(p)].shape[0], -1)
-            else:
-                w = torch.stack([self.engine.owned(shards[id(p)], x) for x in W[id(p)]])
+            w = owned[id(p)] if W is None else self.engine.owned(shards[id(p)], W[id(p)], lead=1)  # a view
             g = shards[id(p)].grad.to(self.dtype)
             # a bf16/fp16 batch gradient is rounded per coordinate: where <g, W> cancels across coordinates
             # its error scales with sum_j |g_j W_j|, not with the per-sample magnitudes

@@ -168,9 +168,10 @@ class Engine:
         """[K, owned numel] -> [K, *param.shape] on every rank."""
         return owned.reshape(owned.shape[0], *shard.param.shape)
 
-    def owned(self, shard: Shard, full: torch.Tensor) -> torch.Tensor:
-        """The owned elements of a full-shape tensor (flat)."""
-        return full.reshape(-1)[shard.start:shard.start + shard.value.numel()]
+    def owned(self, shard: Shard, full: torch.Tensor, lead: int = 0) -> torch.Tensor:
+        """The owned elements of a full-shape tensor (flat), as a view; `lead` leading dimensions (e.g. the
+        K targets of W [K, *shape]) are kept."""
+        return full.reshape(*full.shape[:lead], -1).narrow(-1, shard.start, shard.value.numel())
 
 
 def _free_port() -> int:

@@ -373,6 +373,6 @@ class DeepSpeedEngine(Engine):
             full[:, start:start + n] = part[:, :n]
         return full.reshape(K, *self._full_shape(p))
 
-    def owned(self, shard: Shard, full: torch.Tensor) -> torch.Tensor:
+    def owned(self, shard: Shard, full: torch.Tensor, lead: int = 0) -> torch.Tensor:
         start, n = self._owned_range(shard.param)
-        return full.reshape(-1).narrow(0, start, n)
+        return full.reshape(*full.shape[:lead], -1).narrow(-1, start, n)

@@ -140,13 +140,17 @@ class Capture:
                     "sample_ids does not match the batch (one id per sample, in batch order), or the module does "
                     "not take the batch as the first dimension of its input (exclude it with "
                     "Config(exclude=[...]) if it is shared across the batch).")
-            low = self.cache_dtype if am.rule.low_precision_pays else None
+            low = self._low_dtype(am)
             call = _Call(self._micro, _cast(a.detach(), low))
             self.calls[am.name].append(call)
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(lambda g, call=call: setattr(call, "e", _cast(g.detach(), low)))
             return output if expanded is not None else None
         return hook
+
+    def _low_dtype(self, am: AttributedModule) -> Optional[torch.dtype]:
+        """The dtype a module's captures are kept and multiplied in, or None for as they come."""
+        return self.cache_dtype if am.rule.low_precision_pays else None
 
     @contextmanager
     def recording(self, batch_size: int, micro: int):
@@ -189,8 +193,7 @@ class Capture:
         self.lowrank_info = {}
         factors = self._factorize(W, rank, names) if rank is not None else {}
         for am in self.plan.modules:
-            # matrix rules run in the cache's dtype (bf16 matrix units); the sums are kept in `dtype`
-            low = self.cache_dtype if am.rule.low_precision_pays else None
+            low = self._low_dtype(am)  # products in it (bf16 matrix units); the sums are kept in `dtype`
             work = dtype if low is None else low
             Wm = {local: W[id(p)].to(work) for local, p in am.params.items()}
             if "weight" in am.params and id(am.params["weight"]) in factors:

@@ -328,11 +328,11 @@ def memory(wl: Workload, runner: Runner, step: int) -> float:
 
 # ----------------------------------------------------------------------------------------- reports
 def configs(rank_list) -> dict[str, object]:
-    out = {"exact": shardshap.Config()}
+    out = {"exact": shardshap.Config(), "exact + compile_math": shardshap.Config(compile_math=True)}
     for r in rank_list:
         out[f"rank {r}"] = shardshap.Config(product_rank=r)
     out["bf16 cache + rank 16"] = shardshap.Config(cache_dtype="bfloat16", product_rank=16)
-    out["preset fast"] = shardshap.Config(preset="fast")  # bf16 cache and target pass, exact contraction
+    out["preset fast"] = shardshap.Config(preset="fast")  # bf16 cache and target pass, exact contraction, compiled
     return out
 
 

@@ -380,7 +380,8 @@ class Attributor:
         else:  # the caller clipped already (low-level API): clip_grad_norm_'s factor for that norm
             clip = min(1.0, cfg.max_grad_norm / (float(grad_norm) + 1e-6))
         frozen: dict[int, Frozen] = {
-            pid: freeze(cfg.estimator, cfg.order, self.rule, sh.value, sh.grad, sh.group, sh.state, clip, dtype)
+            pid: freeze(cfg.estimator, cfg.order, self.rule, sh.value, sh.grad, sh.group, sh.state, clip, dtype,
+                        cfg.compile_math)
             for pid, sh in shards.items()}
         attributed = list(self.plan.params.values())
         h, target_loss = self._target_gradients(targets, attributed, shards, frozen)

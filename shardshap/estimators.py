@@ -30,13 +30,13 @@ class Frozen:
 
 
 def freeze(estimator: str, order: int, rule: OptimizerRule, param: torch.Tensor, grad: torch.Tensor,
-           group: dict, state: dict, clip_factor: float, dtype: torch.dtype) -> Frozen:
-    """`grad` is the (clipped) gradient the optimizer is about to receive."""
+           group: dict, state: dict, clip_factor: float, dtype: torch.dtype, compiled: bool = False) -> Frozen:
+    """`grad` is the (clipped) gradient the optimizer is about to receive; `compiled`: Config.compile_math."""
     if estimator == "sgd":
         lr = scalar(group["lr"])
         shift = -0.5 * lr * grad.detach().to(dtype) if order == 2 else None
         return Frozen(torch.full_like(param, clip_factor * lr, dtype=dtype), shift)
-    step = rule.step_map(param, grad, group, state, dtype)
+    step = rule.step_map(param, grad, group, state, dtype, compiled)
     shift = step.midpoint(grad.detach().to(dtype)) if order == 2 else None
     if estimator == "secant":
         return Frozen(step.slope.mul_(-clip_factor), shift)  # the slope is ours: scale it in place

@@ -225,6 +225,7 @@ def test_presets_resolve_and_validate():
     assert (fast.product_rank, fast.cache_dtype, fast.target_dtype) == (None, "bfloat16", "bfloat16")
     assert (exact.product_rank, exact.cache_dtype) == (None, None)
     assert (lowrank.product_rank, lowrank.cache_dtype) == (16, None)
+    assert (fast.compile_math, lowrank.compile_math, exact.compile_math) == (True, True, False)
     assert shardshap.Config(preset="lowrank", product_rank=16).product_rank == 16  # agreeing is fine
     assert shardshap.Config(preset="fast", order=1).order == 1                  # fields it does not set stay free
     with pytest.raises(shardshap.ConfigError, match="preset='lowrank' sets product_rank=16"):

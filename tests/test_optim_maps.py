@@ -41,15 +41,19 @@ def real_displacement(p, opt, grad):
     return p2.detach() - before
 
 
+# the optimizers whose secant has a torch.compile'd kernel (Config.compile_math)
+FUSED = ["adamw", "adamw-maximize", "adam", "adam-decoupled"]
+
+
 @pytest.mark.parametrize("warm_steps", [0, 5])
-@pytest.mark.parametrize("name", list(torch_opts))
-def test_step_map_is_the_real_step(name, warm_steps):
+@pytest.mark.parametrize("name,compiled", [(n, False) for n in torch_opts] + [(n, True) for n in FUSED])
+def test_step_map_is_the_real_step(name, compiled, warm_steps):
     p, opt = optimizer_at(name, warm_steps)
     rule = rule_for(opt)
     group, state = opt.param_groups[0], opt.state[p]
     g = torch.randn(64, dtype=torch.float64) * torch.logspace(-5, 0, 64, dtype=torch.float64)
     g[3] = 0.0  # a coordinate without gradient
-    step = rule.step_map(p, g, group, state, torch.float64)
+    step = rule.step_map(p, g, group, state, torch.float64, compiled=compiled)
     torch.testing.assert_close(step.displacement(g), real_displacement(p, opt, g), rtol=1e-10, atol=1e-15)
     torch.testing.assert_close(step.displacement(torch.zeros_like(g)), real_displacement(p, opt, torch.zeros_like(g)),
                                rtol=1e-10, atol=1e-15)
@@ -66,3 +70,25 @@ def test_secant_slope_tends_to_the_derivative(name):
     slope = rule.step_map(p, tiny, group, state, torch.float64).slope
     derivative = torch.func.jacfwd(D)(torch.zeros(64, dtype=torch.float64)).diagonal()
     torch.testing.assert_close(slope, derivative, rtol=1e-6, atol=0)
+
+
+def test_compiled_kernel_falls_back_to_eager(monkeypatch):
+    """Where torch.compile fails (no C++ compiler, ...), compile_math warns once and computes the same map."""
+    from shardshap.optim import adam
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler found")
+        return run
+    adam.compiled_adamw_secant.cache_clear()
+    monkeypatch.setattr(torch, "compile", broken)
+    try:
+        p, opt = optimizer_at("adamw", 5)
+        rule = rule_for(opt)
+        group, state = opt.param_groups[0], opt.state[p]
+        g = torch.randn(64, dtype=torch.float64)
+        with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+            step = rule.step_map(p, g, group, state, torch.float64, compiled=True)
+        torch.testing.assert_close(step.displacement(g), real_displacement(p, opt, g), rtol=1e-10, atol=1e-15)
+    finally:
+        adam.compiled_adamw_secant.cache_clear()  # the next user compiles for real

@@ -43,7 +43,9 @@ class OptimizerRule:
     def check(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise UnsupportedOptimizer for options the rule does not model."""
 
-    def step_map(self, param, grad, group, state, dtype) -> StepMap:
+    def step_map(self, param, grad, group, state, dtype, compiled: bool = False) -> StepMap:
+        """D(0) and the secant slope for gradient `grad`; `compiled`: use the rule's torch.compile'd
+        kernel where it has one (Config.compile_math)."""
         raise NotImplementedError
 
     def step_number(self, state) -> int | None:

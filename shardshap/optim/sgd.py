@@ -9,7 +9,7 @@ from .base import OptimizerRule, StepMap, scalar
 class SGDRule(OptimizerRule):
     name = "SGD"
 
-    def step_map(self, param, grad, group, state, dtype) -> StepMap:
+    def step_map(self, param, grad, group, state, dtype, compiled=False) -> StepMap:
         lr, mu = scalar(group["lr"]), scalar(group["momentum"])
         damp, wd = scalar(group["dampening"]), scalar(group["weight_decay"])
         sign = -1.0 if group.get("maximize", False) else 1.0

@@ -69,12 +69,12 @@ class Config:
         "None: the target forward/backward runs as the model does. 'bfloat16': it runs under "
         "torch.autocast(bfloat16) (bf16 matrix units; the target gradient's cosine to the float32 one was "
         "0.99998-0.999997 on the benchmark models). Only the values change; training is unchanged.")})
-    compile_math: bool = field(default=False, metadata={"help": (
-        "Fuse the per-parameter optimizer math of each step (the Adam/AdamW secant slope, D(0)) with "
+    compile_math: Optional[bool] = field(default=None, metadata={"help": (
+        "True: fuse the per-parameter optimizer math of each step (the Adam/AdamW secant slope, D(0)) with "
         "torch.compile: one pass over the parameters instead of about 15 (W1 on CPU: 20 -> 9 ms a step). The "
         "first step pays the compilation (seconds; inductor needs a C++ compiler on CPU, Triton on GPU); where it "
         "fails, the eager math runs with a warning. Values equal the eager ones up to float rounding; training "
-        "is unchanged.")})
+        "is unchanged. None (the default): off unless the preset sets it.")})
     preset: Optional[str] = field(default=None, metadata={"help": (
         "A named set of field values: 'exact' (the reference), 'fast' (cache_dtype and target_dtype "
         "'bfloat16': products and the target pass on bf16 matrix units, Pearson R >= 0.9999 against exact on "
@@ -148,6 +148,8 @@ class Config:
             self.target_names = list(self.target_names)
         if self.num_samples is not None and not (isinstance(self.num_samples, int) and self.num_samples > 0):
             raise ConfigError(f"Config.num_samples={self.num_samples!r} must be a positive integer or None")
+        if self.compile_math is None:
+            self.compile_math = False
         if not isinstance(self.compile_math, bool):
             raise ConfigError(f"Config.compile_math={self.compile_math!r} must be true or false")
         if not isinstance(self.check_completeness, bool):

@@ -34,7 +34,14 @@ CONFIGS = {  # name -> zero_optimization section
     "z2-recover": {"stage": 2},
     "z3-recover": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "z2-fused": {"stage": 2},  # DeepSpeed's FusedAdam (torch_adam false) instead of torch AdamW
+    "z3-fast": {"stage": 3, "stage3_param_persistence_threshold": 0},  # Config(preset="fast")
 }
+PRESET = {"z3-fast": "fast"}  # configurations attributed with a preset (the others: the default Config)
+
+
+def plain_twin(config: str) -> str:
+    """The configuration whose plain DeepSpeed run this one's training must equal."""
+    return config.removesuffix("-recover").removesuffix("-fast")
 
 
 def ds_config(zero: dict, world: int, torch_adam: bool = True) -> dict:
@@ -84,7 +91,7 @@ def run(config: str, attributed: bool, rank: int, world: int, out: str) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=case.model, model_parameters=case.model.parameters(),
                                            config=ds_config(CONFIGS[config], world, torch_adam=not config.endswith("-fused")))
     attr = shardshap.Attributor(engine, None, case.train_loss, case.target_loss,
-                                shardshap.Config(num_samples=64)) if attributed else None
+                                shardshap.Config(num_samples=64, preset=PRESET.get(config))) if attributed else None
     if attributed and config.endswith("-recover"):
         fail_first_steps(engine, case, rank, world)
     ids_out, scores_out, clips, seconds, sent = [], [], [], [], []
@@ -127,7 +134,7 @@ def main():
     import deepspeed
     deepspeed.init_distributed("gloo")      # picks up the existing process group
     for config in args.configs.split(","):
-        for attributed in ([True] if args.no_plain or config.endswith("-recover") else [True, False]):
+        for attributed in ([True] if args.no_plain or plain_twin(config) != config else [True, False]):
             info = run(config, attributed, rank, world, args.out)
             if rank == 0:
                 print("DSINFO " + json.dumps(info), flush=True)

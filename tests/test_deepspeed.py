@@ -18,21 +18,21 @@ pytest.importorskip("deepspeed")
 
 import cases  # noqa: E402
 import shardshap  # noqa: E402
-from ds_worker import CLIP, CONFIGS, GLOBAL_BATCH, LR, STEPS, local_micro_batches  # noqa: E402
+from ds_worker import CLIP, CONFIGS, GLOBAL_BATCH, LR, PRESET, STEPS, local_micro_batches, plain_twin  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "ds_worker.py")
 BIN = os.path.dirname(sys.executable)
-TORCHRUN_CONFIGS = ["z1", "z2", "z3", "z3-persist", "z2-recover", "z3-recover", "z2-fused"]
+TORCHRUN_CONFIGS = ["z1", "z2", "z3", "z3-persist", "z2-recover", "z3-recover", "z2-fused", "z3-fast"]
 
 
-@functools.lru_cache(maxsize=1)
-def single_process_reference():
+@functools.lru_cache(maxsize=2)
+def single_process_reference(preset=None):
     """Plain torch, one process, the same global batches (rank 0's micro-batches, then rank 1's); the clip
     threshold equals the DeepSpeed config's gradient_clipping."""
     case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
     opt = torch.optim.AdamW(case.model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
-                                shardshap.Config(max_grad_norm=CLIP))
+                                shardshap.Config(max_grad_norm=CLIP, preset=preset))
     values, clips = [], []
     for step in range(STEPS):
         micro, ids = [], []
@@ -59,7 +59,10 @@ def launch(cmd, timeout=400):
 
 
 def check_values_and_parameters(prefix, config):
-    values, clips, state = single_process_reference()
+    preset = PRESET.get(config)
+    # bf16 products (preset fast) round differently where the two runs' inputs differ in the last float bit
+    tol = 1e-3 if preset == "fast" else 1e-5
+    values, clips, state = single_process_reference(preset)
     for rank in range(2):
         got = np.load(f"{prefix}.{config}.rank{rank}.npz")
         assert got["ids"].shape == (STEPS, GLOBAL_BATCH // 2)
@@ -67,7 +70,7 @@ def check_values_and_parameters(prefix, config):
             ref = np.stack([values[step][int(i)] for i in got["ids"][step]])
             scale = np.abs(np.stack(list(values[step].values()))).max()
             err = np.abs(got["scores"][step] - ref).max() / scale
-            assert err <= 1e-5, f"{config} rank {rank} step {step}: relative error {err:.2e}"
+            assert err <= tol, f"{config} rank {rank} step {step}: relative error {err:.2e}"
         # the clip factor DeepSpeed applied is the one a torch clip_grad_norm_ would (to float rounding)
         np.testing.assert_allclose(got["clip"], clips, rtol=1e-5)
         assert (got["clip"] < 1).any(), "the test should exercise clipping"
@@ -76,7 +79,7 @@ def check_values_and_parameters(prefix, config):
 
 
 def check_training_unchanged(prefix, config):
-    base = config.removesuffix("-recover")  # after failed steps: as plain training of the same stage
+    base = plain_twin(config)  # after failed steps, or with a preset: as plain training of the same stage
     for rank in range(2):
         ours = np.load(f"{prefix}.{config}.rank{rank}.npz")
         plain = np.load(f"{prefix}.{base}-plain.rank{rank}.npz")
@@ -103,7 +106,8 @@ def test_torchrun_matches_single_process(torchrun_run, config):
     """ZeRO-1/2/3 (persistence threshold 0 and default), gradient accumulation 2, clipping from the DeepSpeed
     config, torch AdamW: values and parameters as one plain process; training as plain DeepSpeed. The -recover
     runs first fail two steps (AttributionError before DeepSpeed steps) and must then train identically;
-    z2-fused uses DeepSpeed's FusedAdam (same update map as torch AdamW)."""
+    z2-fused uses DeepSpeed's FusedAdam (same update map as torch AdamW); z3-fast attributes with
+    Config(preset="fast") (bf16 captures and target pass, compiled secant) against a single process with it."""
     prefix, infos = torchrun_run
     assert any(i["config"] == config and i["engine"] == "DeepSpeedEngine" for i in infos)
     check_values_and_parameters(prefix, config)

@@ -186,6 +186,29 @@ def test_bf16_cache_values_track_exact_and_training_is_unchanged(rank, target):
     assert_same(case.model, opt, ref_model, ref_opt)
 
 
+def test_bf16_target_pass_with_hvp_curvature():
+    """target_dtype='bfloat16' with curvature='hvp': the double backward runs under the same autocast; the
+    values track float32 hvp values on copies of the same state (warm steps; training unchanged)."""
+    case = cases.tiny_gpt2(batch_size=8, dtype=torch.float32, tie=True)
+    opt = torch.optim.AdamW(case.model.parameters(), lr=3e-3, weight_decay=0.1)
+    ref_model, ref_opt = copy.deepcopy((case.model, opt))
+    config = dict(curvature="hvp", cold_start="none", max_grad_norm=1.0)
+    attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
+                                shardshap.Config(target_dtype="bfloat16", **config))
+    for s in range(6):
+        b, ids = case.batches(s)
+        m2, o2 = copy.deepcopy((case.model, opt))
+        with shardshap.Attributor(m2, o2, case.train_loss, case.target_loss, shardshap.Config(**config)) as f32:
+            ref = f32.step(b, ids, None).scores
+        out = attr.step(b, ids, None).scores
+        for k in range(ref.shape[1]):
+            r = torch.corrcoef(torch.stack([out[:, k], ref[:, k]]))[0, 1].item()
+            assert r > 0.999, f"step {s} target {k}: R {r:.5f}"
+        plain_step(ref_model, ref_opt, case.train_loss, [b], 1.0)
+    attr.close()
+    assert_same(case.model, opt, ref_model, ref_opt)
+
+
 def test_bf16_capture_keeps_bf16_and_products_track_float32():
     model = Net().float()
     W = {id(p): torch.randn(2, *p.shape) for p in model.parameters()}
@@ -230,6 +253,8 @@ def test_presets_resolve_and_validate():
     assert shardshap.Config(preset="fast", order=1).order == 1                  # fields it does not set stay free
     with pytest.raises(shardshap.ConfigError, match="preset='lowrank' sets product_rank=16"):
         shardshap.Config(preset="lowrank", product_rank=8)
+    with pytest.raises(shardshap.ConfigError, match="preset='fast' sets compile_math=True"):
+        shardshap.Config(preset="fast", compile_math=False)  # an explicit False is not silently overridden
     with pytest.raises(shardshap.ConfigError, match="preset='fast' sets product_rank=None"):
         shardshap.Config(preset="fast", product_rank=8)
     with pytest.raises(shardshap.ConfigError, match="cache_dtype"):

@@ -54,11 +54,11 @@ def compiled_adamw_secant():
         if not failed:
             try:
                 return fused(*args)
-            except Exception as err:  # noqa: BLE001: any compiler failure falls back to the same math
+            except Exception as err:  # any compiler failure falls back to the same math
                 failed = True
                 warnings.warn(f"Config.compile_math: torch.compile failed ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}); using the eager "
-                              "secant math (same values, slower). Set compile_math=False to silence this.")
+                              "secant math (same values, slower).")
         return adamw_secant(*args)
     return run
 

@@ -428,7 +428,8 @@ def profile(wl: Workload, cfg: shardshap.Config, steps: int, start: int):
 
 def breakdown(wl: Workload, cfg: shardshap.Config, steps: int, start: int):
     """Wall-clock split of attributed steps (perf_counter around each phase and each product rule, no
-    profiler), and what recording the training forward/backward costs over a plain one."""
+    profiler), and what recording the training forward/backward costs over a plain one. On CUDA every timer
+    synchronizes first, so that each phase is charged its own kernels (which adds syncs to the step)."""
     import collections
     import shardshap.attributor as A
     runner, plain = Runner(wl, cfg), Runner(wl, None)
@@ -436,10 +437,12 @@ def breakdown(wl: Workload, cfg: shardshap.Config, steps: int, start: int):
 
     def timed(key, fn):
         def wrapper(*a, **k):
+            sync(wl.device)
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
+                sync(wl.device)
                 spent[key] += time.perf_counter() - t0
         return wrapper
 
@@ -460,8 +463,10 @@ def breakdown(wl: Workload, cfg: shardshap.Config, steps: int, start: int):
         total = {"plain": 0.0, "attributed": 0.0}
         for s in range(steps):
             for name, r in (("plain", plain), ("attributed", runner)):
+                sync(wl.device)
                 t0 = time.perf_counter()
                 r.step(start + 2 + s)
+                sync(wl.device)
                 total[name] += time.perf_counter() - t0
     finally:
         A.freeze = orig_freeze
@@ -470,12 +475,14 @@ def breakdown(wl: Workload, cfg: shardshap.Config, steps: int, start: int):
     for i in range(2 * steps + 2):  # training forward+backward with and without recording, alternating
         for recording in (False, True):
             runner.model.zero_grad(set_to_none=True)
+            sync(wl.device)
             t0 = time.perf_counter()
             if recording:
                 with attr.capture.recording(len(ids), 0):
                     train_loss(runner.model, x).mean().backward()
             else:
                 train_loss(runner.model, x).mean().backward()
+            sync(wl.device)
             rec[recording].append(time.perf_counter() - t0)
             attr.capture.clear()
     runner.model.zero_grad(set_to_none=True)

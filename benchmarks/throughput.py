@@ -3,7 +3,8 @@
 Plain steps and attributed steps of every configuration alternate (round-robin, one step each per
 repeat) on private copies of the same model, so that machine noise hits all of them alike; the first
 `--warmup` rounds are discarded and medians are reported. Per configuration it prints:
-  ratio   median attributed step time / median plain step time
+  ratio   median attributed step time / median plain step time (and the quartiles of the per-round
+          ratios: the spread within the run)
   rho     target tokens / training tokens per optimizer step (the target pass floor is about 1 + rho)
   R       Pearson R of its per-sample values against exact mode on the same steps (both computed on deep
           copies of the same model/optimizer state)
@@ -354,7 +355,10 @@ def run_table(wl: Workload, cfgs: dict, rounds: int, warmup: int, fid_steps: lis
             mems = {k: memory(wl, r, start + rounds) for k, r in runners.items()}
     for k, r in runners.items():
         med = statistics.median(times[k])
-        row = dict(config=k, ms=1e3 * med, ratio=med / plain, rho=wl.rho, mem=mems.get(k, float("nan")))
+        # the spread within this run: quartiles of the per-round ratios (each round steps every runner once)
+        q1, _, q3 = statistics.quantiles([t / p for t, p in zip(times[k], times["plain"])], n=4)
+        row = dict(config=k, ms=1e3 * med, ratio=med / plain, spread=(q1, q3), rho=wl.rho,
+                   mem=mems.get(k, float("nan")))
         if isinstance(r.config, shardshap.Config):
             row["R"], meta = (1.0, {}) if k == "exact" else fidelity(wl, r.config, fid_steps)
             en = meta.get("product_energy") or {}
@@ -367,15 +371,15 @@ def run_table(wl: Workload, cfgs: dict, rounds: int, warmup: int, fid_steps: lis
 
 def print_rows(title: str, rows: list[dict]):
     print(f"\n### {title}\n")
-    print("| configuration | ms / step | ratio vs plain | rho | Pearson R vs exact | min layer energy | "
-          "exact-fallback layers | peak memory (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| configuration | ms / step | ratio vs plain | per-round ratio, quartiles | rho | Pearson R vs exact | "
+          "min layer energy | exact-fallback layers | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         R = f"{r['R']:.5f}" if "R" in r else "-"
         en = f"{r['energy']:.3f}" if r.get("energy") == r.get("energy") and "energy" in r else "-"
         ex = str(r["exact_layers"]) if "exact_layers" in r and r["config"] != "exact" else "-"
-        print(f"| {r['config']} | {r['ms']:.0f} | {r['ratio']:.3f} | {r['rho']:.4f} | {R} | {en} | {ex} | "
-              f"{r['mem']:.0f} |")
+        print(f"| {r['config']} | {r['ms']:.0f} | {r['ratio']:.3f} | {r['spread'][0]:.3f}-{r['spread'][1]:.3f} | "
+              f"{r['rho']:.4f} | {R} | {en} | {ex} | {r['mem']:.0f} |")
     sys.stdout.flush()
 
 

@@ -150,6 +150,20 @@ def test_tied_gpt2_low_rank_step():
     assert "product_energy" not in ref.metadata and ref.metadata["product_rank"] is None
 
 
+def step_beside_reference(case, opt, attr, ref_config, s):
+    """Step `s` of `attr` and, on deep copies of the state before it, of an Attributor with `ref_config`;
+    asserts Pearson R > 0.999 per target. Returns (scores, reference scores)."""
+    b, ids = case.batches(s)
+    m2, o2 = copy.deepcopy((case.model, opt))
+    with shardshap.Attributor(m2, o2, case.train_loss, case.target_loss, ref_config) as reference:
+        ref = reference.step(b, ids, None).scores
+    out = attr.step(b, ids, None).scores
+    for k in range(ref.shape[1]):
+        r = torch.corrcoef(torch.stack([out[:, k], ref[:, k]]))[0, 1].item()
+        assert r > 0.999, f"step {s} target {k}: R {r:.5f}"
+    return out, ref
+
+
 @pytest.mark.parametrize("rank,target", [(None, None), (4, None), (None, "bfloat16")])
 def test_bf16_cache_values_track_exact_and_training_is_unchanged(rank, target):
     """Config(cache_dtype='bfloat16'): captures kept in bf16, products in bf16 (alone, with low rank, and with
@@ -168,19 +182,11 @@ def test_bf16_cache_values_track_exact_and_training_is_unchanged(rank, target):
                                 shardshap.Config(cache_dtype="bfloat16", product_rank=rank, max_grad_norm=1.0,
                                                  target_dtype=target))
     assert attr.capture.cache_dtype == torch.bfloat16
-    for s in range(13):  # cold (Owen) and warm steps
-        b, ids = case.batches(s)
-        m2, o2 = copy.deepcopy((case.model, opt))
-        with shardshap.Attributor(m2, o2, case.train_loss, case.target_loss,
-                                  shardshap.Config(product_rank=rank, max_grad_norm=1.0)) as exact:
-            ref = exact.step(b, ids, None).scores
-        out = attr.step(b, ids, None).scores  # the completeness check (2% for bf16) runs on every step
+    for s in range(13):  # cold (Owen) and warm steps; the completeness check (2% for bf16) runs on every step
+        out, ref = step_beside_reference(case, opt, attr, shardshap.Config(product_rank=rank, max_grad_norm=1.0), s)
         assert out.dtype == torch.float32
-        for k in range(ref.shape[1]):
-            r = torch.corrcoef(torch.stack([out[:, k], ref[:, k]]))[0, 1].item()
-            assert r > 0.999, f"step {s} target {k}: R {r:.5f}"
         torch.testing.assert_close(out.sum(0), ref.sum(0), rtol=2e-2, atol=1e-3 * ref.abs().sum().item())
-        plain_step(ref_model, ref_opt, case.train_loss, [b], 1.0)
+        plain_step(ref_model, ref_opt, case.train_loss, [case.batches(s)[0]], 1.0)
     attr.close()
     assert seen and all(x == (target is not None) for x in seen)
     assert_same(case.model, opt, ref_model, ref_opt)
@@ -196,15 +202,8 @@ def test_bf16_target_pass_with_hvp_curvature():
     attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
                                 shardshap.Config(target_dtype="bfloat16", **config))
     for s in range(6):
-        b, ids = case.batches(s)
-        m2, o2 = copy.deepcopy((case.model, opt))
-        with shardshap.Attributor(m2, o2, case.train_loss, case.target_loss, shardshap.Config(**config)) as f32:
-            ref = f32.step(b, ids, None).scores
-        out = attr.step(b, ids, None).scores
-        for k in range(ref.shape[1]):
-            r = torch.corrcoef(torch.stack([out[:, k], ref[:, k]]))[0, 1].item()
-            assert r > 0.999, f"step {s} target {k}: R {r:.5f}"
-        plain_step(ref_model, ref_opt, case.train_loss, [b], 1.0)
+        step_beside_reference(case, opt, attr, shardshap.Config(**config), s)
+        plain_step(ref_model, ref_opt, case.train_loss, [case.batches(s)[0]], 1.0)
     attr.close()
     assert_same(case.model, opt, ref_model, ref_opt)
 

@@ -37,7 +37,9 @@ def freeze(estimator: str, order: int, rule: OptimizerRule, param: torch.Tensor,
         shift = -0.5 * lr * grad.detach().to(dtype) if order == 2 else None
         return Frozen(torch.full_like(param, clip_factor * lr, dtype=dtype), shift)
     step = rule.step_map(param, grad, group, state, dtype, compiled)
-    shift = step.midpoint(grad.detach().to(dtype)) if order == 2 else None
+    shift = None
+    if order == 2:
+        shift = step.shift if step.shift is not None else step.midpoint(grad.detach().to(dtype))
     if estimator == "secant":
         return Frozen(step.slope.mul_(-clip_factor), shift)  # the slope is ours: scale it in place
     if estimator == "adam-lagged":

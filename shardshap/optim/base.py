@@ -7,6 +7,7 @@ step into D(alpha G) ~ D(0) + s * alpha * G, which is what every estimator build
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -16,6 +17,8 @@ class StepMap:
     """One parameter's step: `d0` = D(0), `slope` = secant slope, so that D(G) = d0 + slope * G."""
     d0: torch.Tensor
     slope: torch.Tensor
+    shift: Optional[torch.Tensor] = None  # midpoint(grad) for the grad the map was built at, where a rule's
+                                          # fused kernel computed it on the way (else None)
 
     def displacement(self, grad: torch.Tensor) -> torch.Tensor:
         """D(G): the real update of the optimizer for gradient `grad`."""

@@ -155,14 +155,14 @@ class Attributor:
         if not self.plan.params:
             raise AttributionError("no trainable parameter to attribute: every parameter is frozen, outside "
                                    "the optimizer, or excluded")
-        cache_dtype = {None: None, "bfloat16": torch.bfloat16}[self.config.cache_dtype]
-        self.capture = Capture(self.plan, cache_dtype=cache_dtype)
-        self._device = next(iter(self.plan.params.values())).device
-        if self.config.cache_dtype is not None or self.config.target_dtype is not None:
-            _warn_if_bf16_is_emulated(self._device)
         any_f64 = any(p.dtype == torch.float64 for p in self.module.parameters())
         self.dtype = {"float32": torch.float32, "float64": torch.float64}.get(
             self.config.compute_dtype, torch.float64 if any_f64 else torch.float32)
+        cache_dtype = {None: None, "bfloat16": torch.bfloat16}[self.config.cache_dtype]
+        self.capture = Capture(self.plan, cache_dtype=cache_dtype, compute_dtype=self.dtype)
+        self._device = next(iter(self.plan.params.values())).device
+        if self.config.cache_dtype is not None or self.config.target_dtype is not None:
+            _warn_if_bf16_is_emulated(self._device)
         self.step_index = 0
         if store is not None and self.config.num_samples is None:
             raise AttributionError("writing a store needs the size of the training set: set "

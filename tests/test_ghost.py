@@ -113,6 +113,37 @@ def test_layernorm_and_rmsnorm():
                                and len(norm.normalized_shape) == 1 else norm, torch.randn(5, 3, 7)))
 
 
+class TwiceNormed(nn.Module):
+    """One norm module called twice in a forward (two captures of the same parameters)."""
+    def __init__(self, norm):
+        super().__init__()
+        self.norm, self.mix = norm, nn.Linear(7, 7)
+
+    def forward(self, x):
+        return self.norm(self.mix(self.norm(x)).tanh())
+
+
+@pytest.mark.parametrize("norm", [lambda: nn.LayerNorm(7), lambda: nn.RMSNorm(7)])
+def test_norm_called_twice_over_micro_batches(norm):
+    m = norm()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    assert_exact(*run_body(TwiceNormed(m), torch.randn(6, 3, 7), micro=2))
+
+
+def test_norms_keep_per_sample_gradients_not_activations():
+    """Norm layers reduce in the backward hook: a [b, d] gradient per call, the input released."""
+    model = Wrap(nn.Sequential(nn.Linear(7, 7), nn.LayerNorm(7)))
+    cap = Capture(plan(model, []))
+    with cap.recording(5, 0):
+        model(torch.randn(5, 4, 7)).sum().backward()
+    (call,) = cap.calls["body.1"]
+    assert call.a is None and call.e is None
+    assert {k: tuple(v.shape) for k, v in call.grads.items()} == {"weight": (5, 7), "bias": (5, 7)}
+    cap.remove()
+
+
 def test_hf_llama_rmsnorm():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     norm = LlamaRMSNorm(7, eps=1e-5)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .lowrank import MIN_ENERGY, Factors, factorize, worth_it
-from .registry import Rule, rule_for
+from .registry import Rule, grads_products, rule_for
 
 
 class UnsupportedModule(TypeError):
@@ -103,8 +103,14 @@ def _cast(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 @dataclass
 class _Call:
     micro: int
-    a: torch.Tensor
+    a: Optional[torch.Tensor]   # the module input (released once `grads` is taken)
     e: Optional[torch.Tensor] = None
+    grads: Optional[dict[str, torch.Tensor]] = None  # per-sample gradients (Rule.reduce_in_backward)
+
+    @property
+    def done(self) -> bool:
+        """The backward reached this call (a forward without backward, e.g. under no_grad, leaves nothing)."""
+        return self.e is not None or self.grads is not None
 
 
 class Capture:
@@ -112,8 +118,12 @@ class Capture:
     gradient there. Active only inside `recording()` (training forward/backward), never during
     target passes."""
 
-    def __init__(self, plan_: Plan, cache_dtype: Optional[torch.dtype] = None):
+    def __init__(self, plan_: Plan, cache_dtype: Optional[torch.dtype] = None,
+                 compute_dtype: Optional[torch.dtype] = None):
         self.plan = plan_
+        # dtype of the per-sample gradients that rules with reduce_in_backward take in the hook (None: the
+        # capture's own, at least float32)
+        self.compute_dtype = compute_dtype
         # None: keep captures as they come. bf16: matrix rules' captures are cast while they are hot (their
         # products are GEMMs that bf16 units speed up); norms and embeddings gain nothing and stay as they are
         self.cache_dtype = cache_dtype
@@ -144,9 +154,20 @@ class Capture:
             call = _Call(self._micro, _cast(a.detach(), low))
             self.calls[am.name].append(call)
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(lambda g, call=call: setattr(call, "e", _cast(g.detach(), low)))
+                if am.rule.reduce_in_backward:
+                    output.register_hook(lambda g, call=call: self._reduce(am, call, g.detach()))
+                else:
+                    output.register_hook(lambda g, call=call: setattr(call, "e", _cast(g.detach(), low)))
             return output if expanded is not None else None
         return hook
+
+    def _reduce(self, am: AttributedModule, call: _Call, e: torch.Tensor) -> None:
+        """Take the per-sample gradients while e is hot and release the input (returns None: the gradient
+        flowing on is untouched)."""
+        dtype = self.compute_dtype or torch.promote_types(e.dtype, torch.float32)
+        a = call.a.to(dtype) if call.a.is_floating_point() else call.a
+        call.grads = am.rule.per_sample_grads(am.module, a, e.to(dtype), list(am.params))
+        call.a = None
 
     def _low_dtype(self, am: AttributedModule) -> Optional[torch.dtype]:
         """The dtype a module's captures are kept and multiplied in, or None for as they come."""
@@ -201,10 +222,13 @@ class Capture:
                 if rule is am.rule:  # same orientation; other uses of a tied weight take the dense W_r
                     Wm["weight"] = f if low is None else Factors(f.left.to(low), f.right.to(low), f.energy)
             for call in self.calls[am.name]:
-                if call.e is None:
+                if call.grads is not None:
+                    res = grads_products(call.grads, Wm)
+                elif call.e is not None:
+                    a = call.a if not call.a.is_floating_point() else call.a.to(work)
+                    res = am.rule.products(am.module, a, call.e.to(work), Wm)
+                else:
                     continue
-                a = call.a if not call.a.is_floating_point() else call.a.to(work)
-                res = am.rule.products(am.module, a, call.e.to(work), Wm)
                 lo, hi = offsets[call.micro], offsets[call.micro + 1]
                 for local, val in res.items():
                     out[names[id(am.params[local])]][lo:hi] += val
@@ -257,11 +281,14 @@ class Capture:
                 acc: dict[int, torch.Tensor] = {}
                 for am, names in uses:
                     for call in self.calls[am.name]:
-                        if call.micro != micro or call.e is None:
+                        if call.micro != micro or not call.done:
                             continue
-                        a = call.a[lo:hi]
-                        a = a.to(dtype) if a.is_floating_point() else a
-                        grads = am.rule.per_sample_grads(am.module, a, call.e[lo:hi].to(dtype), names)
+                        if call.grads is not None:
+                            grads = {local: call.grads[local][lo:hi].to(dtype) for local in names}
+                        else:
+                            a = call.a[lo:hi]
+                            a = a.to(dtype) if a.is_floating_point() else a
+                            grads = am.rule.per_sample_grads(am.module, a, call.e[lo:hi].to(dtype), names)
                         for local, g in grads.items():
                             pid = id(am.params[local])
                             acc[pid] = g if pid not in acc else acc[pid] + g

@@ -1,11 +1,12 @@
-"""LayerNorm and RMSNorm (torch and HF Llama/Qwen-style): grad_gamma = sum_t e_t * xhat_t."""
+"""LayerNorm and RMSNorm (torch and HF Llama/Qwen-style): grad_gamma = sum_t e_t * xhat_t, reduced in the
+backward hook ([b, d] per sample kept instead of the input and output gradient)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Rule, bias_products, register
+from .registry import Rule, register
 
 
 def _affine_grads(xhat, e, names, shape):
@@ -20,33 +21,9 @@ def _affine_grads(xhat, e, names, shape):
     return out
 
 
-def _affine_products(xhat, e, W, nfeat):
-    b = e.shape[0]
-    e3 = e.reshape(b, -1, nfeat)
-    out = {}
-    if "weight" in W:
-        gw = (e3 * xhat.reshape(b, -1, nfeat)).sum(1)  # [b, P]: the per-sample gradient of gamma
-        out["weight"] = gw @ W["weight"].reshape(W["weight"].shape[0], -1).T
-    if "bias" in W:
-        out["bias"] = bias_products(e3, W["bias"])
-    return out
-
-
 @register(nn.LayerNorm)
 class LayerNormRule(Rule):
-    def products(self, module, a, e, W):
-        shape = tuple(module.normalized_shape)
-        b = a.shape[0]
-        out = {}
-        if "weight" in W:
-            # sum_t e_t . (xhat_t * W_k): layer_norm applies W_k as its scale in the same pass that normalises
-            Wg = W["weight"]
-            out["weight"] = torch.stack([torch.linalg.vecdot(
-                F.layer_norm(a, shape, weight=Wg[k], eps=module.eps).reshape(b, -1), e.reshape(b, -1))
-                for k in range(Wg.shape[0])], 1)
-        if "bias" in W:
-            out["bias"] = bias_products(e.reshape(b, -1, int(torch.Size(shape).numel())), W["bias"])
-        return out
+    reduce_in_backward = True
 
     def per_sample_grads(self, module, a, e, names):
         shape = tuple(module.normalized_shape)
@@ -61,10 +38,7 @@ def rms_normalize(a: torch.Tensor, ndim: int, eps: float) -> torch.Tensor:
 @register(nn.RMSNorm)
 class RMSNormRule(Rule):
     param_names = ("weight",)
-
-    def products(self, module, a, e, W):
-        shape = tuple(module.normalized_shape)
-        return _affine_products(self._xhat(module, a), e, W, int(torch.Size(shape).numel()))
+    reduce_in_backward = True
 
     @staticmethod
     def _xhat(module, a):
@@ -86,6 +60,7 @@ def _is_hf_rmsnorm(module) -> bool:
 @register(match=_is_hf_rmsnorm)
 class HFRMSNormRule(Rule):
     param_names = ("weight",)
+    reduce_in_backward = True
 
     @staticmethod
     def _xhat(module, a):
@@ -95,8 +70,5 @@ class HFRMSNormRule(Rule):
         return rms_normalize(a.float(), 1, float(eps)).to(a.dtype)
 
     # sizes come from the input: a partitioned weight (ZeRO-3) is empty outside its forward
-    def products(self, module, a, e, W):
-        return _affine_products(self._xhat(module, a), e, W, a.shape[-1])
-
     def per_sample_grads(self, module, a, e, names):
         return _affine_grads(self._xhat(module, a), e, names, (a.shape[-1],))

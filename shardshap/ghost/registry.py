@@ -18,6 +18,9 @@ class Rule:
     param_names: tuple[str, ...] = ("weight", "bias")
     # products are matrix multiplications that bf16 matrix units speed up (Config.cache_dtype applies)
     low_precision_pays: bool = False
+    # per-sample gradients no larger than one token's activations (norm layers: [b, d]): taken in the
+    # backward hook while the output gradient is hot, and kept instead of the input and output gradient
+    reduce_in_backward: bool = False
 
     def validate(self, module: nn.Module, name: str) -> None:
         """Raise for module options the rule does not support (checked once, before training)."""
@@ -35,8 +38,9 @@ class Rule:
 
         `a` is the module input, `e` the gradient at its output, both with the batch first and cast to
         the compute dtype; W[name] has shape [K, *param.shape]; only the names in W are computed.
+        The default goes through `per_sample_grads`: right only where those are small (norm layers).
         """
-        raise NotImplementedError
+        return grads_products(self.per_sample_grads(module, a, e, list(W)), W)
 
     def per_sample_grads(self, module: nn.Module, a: torch.Tensor, e: torch.Tensor,
                          names: list[str]) -> dict[str, torch.Tensor]:
@@ -74,3 +78,9 @@ def rule_for(module: nn.Module) -> Optional[Rule]:
 def bias_products(e_tokens: torch.Tensor, Wb: torch.Tensor) -> torch.Tensor:
     """sum_t e_{i,t} . W_b,k for e [b, T, d] and W_b [K, d]."""
     return e_tokens.sum(1) @ Wb.reshape(Wb.shape[0], -1).T
+
+
+def grads_products(grads: dict[str, torch.Tensor], W: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name: [b, K]} = <per-sample gradient [b, *shape], W[name][k]> for materialised per-sample gradients."""
+    return {name: g.reshape(g.shape[0], -1).to(W[name].dtype) @ W[name].reshape(W[name].shape[0], -1).T
+            for name, g in grads.items() if name in W}

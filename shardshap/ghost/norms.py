@@ -10,12 +10,13 @@ from .registry import Rule, register
 
 
 def _affine_grads(xhat, e, names, shape):
+    """Per-sample gradients of gamma (and beta); `xhat` is a fresh tensor of ours, multiplied in place."""
     b = e.shape[0]
     nfeat = int(torch.Size(shape).numel())
     e3 = e.reshape(b, -1, nfeat)
     out = {}
     if "weight" in names:
-        out["weight"] = (e3 * xhat.reshape(b, -1, nfeat)).sum(1).view(b, *shape)
+        out["weight"] = xhat.reshape(b, -1, nfeat).mul_(e3).sum(1).view(b, *shape)
     if "bias" in names:
         out["bias"] = e3.sum(1).view(b, *shape)
     return out

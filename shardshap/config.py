@@ -71,8 +71,8 @@ class Config:
         "0.99998-0.999997 on the benchmark models). Only the values change; training is unchanged.")})
     compile_math: Optional[bool] = field(default=None, metadata={"help": (
         "True: fuse the per-parameter optimizer math of each step (the Adam/AdamW secant slope, D(0)) with "
-        "torch.compile: one pass over the parameters instead of about 15 (W1 on CPU: that phase 25-29 -> 19 ms a "
-        "step, ~1.5% of a plain step). The "
+        "torch.compile: one pass over the parameters instead of about 15 (W1 on CPU: that phase 25 -> 13 ms a "
+        "step, ~2% of a plain step). The "
         "first step pays the compilation (seconds; inductor needs a C++ compiler on CPU, Triton on GPU); where it "
         "fails, the eager math runs with a warning. Values equal the eager ones up to float rounding; training "
         "is unchanged. None (the default): off unless the preset sets it.")})

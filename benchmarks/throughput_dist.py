@@ -34,11 +34,11 @@ import throughput as tp  # noqa: E402
 from shardshap.backends import init_distributed, shutdown  # noqa: E402
 
 ENGINES = ["ddp", "fsdp", "z1", "z2", "z3"]
-LR, BETAS, WD = 1e-3, (0.9, 0.95), 0.1  # as W1 in throughput.py
 
 
-def wrap(engine: str, model: torch.nn.Module, per_rank: int):
-    """(module to call, torch optimizer or None, plain step) for one copy of the model under `engine`."""
+def wrap(engine: str, model: torch.nn.Module, per_rank: int, opt_defaults: dict):
+    """(module to call, torch optimizer or None, plain step) for one copy of the model under `engine`, with
+    W1's AdamW settings (`opt_defaults`, the workload optimizer's defaults)."""
     if engine in ("ddp", "fsdp"):
         if engine == "ddp":
             model = torch.nn.parallel.DistributedDataParallel(model)
@@ -47,7 +47,8 @@ def wrap(engine: str, model: torch.nn.Module, per_rank: int):
             for block in model.transformer.h:
                 fully_shard(block)
             model = fully_shard(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD)
+        adamw = {k: opt_defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        opt = torch.optim.AdamW(model.parameters(), **adamw)
 
         def plain(x):
             opt.zero_grad()
@@ -59,8 +60,9 @@ def wrap(engine: str, model: torch.nn.Module, per_rank: int):
     if zero["stage"] == 3:
         zero["stage3_param_persistence_threshold"] = 0  # partition every parameter, small ones too
     config = {"train_micro_batch_size_per_gpu": per_rank, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": 1e-8,
-                                                        "weight_decay": WD, "torch_adam": True}},
+              "optimizer": {"type": "AdamW", "params": {
+                  "lr": opt_defaults["lr"], "betas": list(opt_defaults["betas"]), "eps": opt_defaults["eps"],
+                  "weight_decay": opt_defaults["weight_decay"], "torch_adam": True}},
               "zero_optimization": zero, "steps_per_print": 10 ** 9}
     ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
 
@@ -78,8 +80,8 @@ def worker(args) -> None:
         deepspeed.init_distributed("gloo")
     wl = tp.make_workload("w1", "cpu", 2)
     per_rank = 32 // world
-    plain_model, _, plain_step = wrap(args.engine, copy.deepcopy(wl.model), per_rank)
-    model, opt, _ = wrap(args.engine, copy.deepcopy(wl.model), per_rank)
+    _, _, plain_step = wrap(args.engine, copy.deepcopy(wl.model), per_rank, wl.opt.defaults)
+    model, opt, _ = wrap(args.engine, copy.deepcopy(wl.model), per_rank, wl.opt.defaults)
     attr = shardshap.Attributor(model, opt, tp.train_loss, tp.target_loss,
                                 shardshap.Config(cold_steps=0, preset=args.preset))
 
@@ -106,7 +108,7 @@ def worker(args) -> None:
                     sent.append(out)
     attr.close()
     if rank == 0:
-        ratios = sorted(a / p for a, p in zip(times["attributed"], times["plain"]))
+        ratios = [a / p for a, p in zip(times["attributed"], times["plain"])]
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         print("RESULT " + json.dumps({
             "engine": args.engine, "backend": type(attr.engine).__name__,

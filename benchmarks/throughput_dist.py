@@ -111,7 +111,7 @@ def worker(args) -> None:
         ratios = [a / p for a, p in zip(times["attributed"], times["plain"])]
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         print("RESULT " + json.dumps({
-            "engine": args.engine, "backend": type(attr.engine).__name__,
+            "engine": args.engine, "backend": type(attr.backend).__name__,
             "plain_ms": 1e3 * statistics.median(times["plain"]),
             "attributed_ms": 1e3 * statistics.median(times["attributed"]),
             "ratio_q1": q[0], "ratio_q3": q[2], "mib_sent": statistics.median(sent) / 2 ** 20}), flush=True)

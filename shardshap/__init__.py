@@ -7,13 +7,14 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Attributor": "attributor", "AttributionError": "attributor", "SIGN_CONVENTION": "attributor",
-    "StepResult": "attributor", "Config": "config", "ConfigError": "config", "UnsupportedModule": "ghost",
-    "UnsupportedOptimizer": "optim", "open_scores": "store", "init_distributed": "backends",
-    "shutdown": "backends",
+    "Attributor": "attributor", "SIGN_CONVENTION": "store.schema", "StepResult": "attributor",
+    "Config": "config", "open_scores": "store", "init_distributed": "backends", "shutdown": "backends",
+    **{name: "errors" for name in (
+        "ShardshapError", "AttributionError", "BatchShapeError", "ConfigError", "UnsupportedModule",
+        "UnsupportedOptimizer", "UnsupportedEngine", "StoreError")},
 }
 
-_SUBMODULES = ("analysis", "backends", "estimators", "ghost", "optim", "oracle", "store", "verify")
+_SUBMODULES = ("analysis", "backends", "errors", "estimators", "ghost", "optim", "oracle", "store", "verify")
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -20,8 +20,10 @@ import sys
 
 import numpy as np
 
+from .errors import ShardshapError
 
-class CLIError(Exception):
+
+class CLIError(ShardshapError):
     """An error to report in one line (no traceback unless --debug)."""
 
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .errors import ConfigError
+from .estimators import ESTIMATORS
 
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the key and what is allowed."""
+
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -18,15 +19,14 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"Config.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
 
 
-# What each preset sets (docs/benchmarks.md, "Presets"). 'fast' is the fastest configuration measured to keep
-# Pearson R >= 0.99 against exact values on the throughput benchmark (W1 on a CPU with AMX: R >= 0.9999,
-# products 2.6x cheaper than exact, target pass in bf16 autocast). It needs bf16 matrix units (AMX CPUs, GPUs from sm80); elsewhere bf16
-# matmuls are emulated and 'lowrank' is the fast one (the Attributor warns).
+# What each preset sets; docs/benchmarks.md ("Presets") has the measurements behind them. 'fast' is the
+# fastest configuration measured to keep Pearson R >= 0.99 against exact values; it needs bf16 matrix units
+# (AMX CPUs, GPUs from sm80), elsewhere bf16 matmuls are emulated and 'lowrank' is the fast one (the
+# Attributor warns).
 PRESETS: dict[str, dict[str, Any]] = {
-    "exact": {"mode": "exact", "product_rank": None, "cache_dtype": None, "target_dtype": None},
-    "fast": {"mode": "exact", "product_rank": None, "cache_dtype": "bfloat16", "target_dtype": "bfloat16",
-             "compile_math": True},
-    "lowrank": {"mode": "exact", "product_rank": 16, "cache_dtype": None, "target_dtype": None, "compile_math": True},
+    "exact": {"product_rank": None, "cache_dtype": None, "target_dtype": None},
+    "fast": {"product_rank": None, "cache_dtype": "bfloat16", "target_dtype": "bfloat16", "compile_math": True},
+    "lowrank": {"product_rank": 16, "cache_dtype": None, "target_dtype": None, "compile_math": True},
 }
 
 
@@ -46,9 +46,6 @@ class Config:
         "How order 2 is computed: 'midpoint' (target gradient at the midpoint of the step; one target "
         "pass, includes higher orders) or 'hvp' (gradient at the current parameters plus an exact "
         "Hessian-vector product; the exact second-order Taylor game, costs a double backward).")})
-    mode: str = field(default="exact", metadata={"help": (
-        "How per-sample products are computed: 'exact' (ghost products from cached activations and "
-        "output gradients, no per-sample gradients).")})
     product_rank: Optional[int] = field(default=None, metadata={"help": (
         "None: exact products. An integer r: approximate each matrix weight's product vector W_k "
         "(nn.Linear, HF Conv1D) by its projection on an r-dimensional row subspace (randomized range "
@@ -56,8 +53,8 @@ class Config:
         "A layer whose kept energy ||W_r||/||W|| is below 0.95 retries at rank 2r, 4r, ... while that still "
         "saves work, else uses exact products; layers where rank r saves nothing stay exact. The step "
         "metadata has product_energy, product_layer_rank and product_exact_layers. Embeddings, norms and "
-        "biases stay exact. Training is unchanged; only the values are approximate (Pearson R >= 0.9998 vs "
-        "exact at r=8-16 on the W1 benchmark).")})
+        "biases stay exact. Training is unchanged; only the values are approximate (docs/benchmarks.md "
+        "has their fidelity against exact products).")})
     cache_dtype: Optional[str] = field(default=None, metadata={"help": (
         "None: the captured activations and output gradients are kept as they come and the products run in "
         "compute_dtype (exact). 'bfloat16': they are cast to bf16 as they are captured and the products run in "
@@ -67,21 +64,19 @@ class Config:
         "Training is unchanged.")})
     target_dtype: Optional[str] = field(default=None, metadata={"help": (
         "None: the target forward/backward runs as the model does. 'bfloat16': it runs under "
-        "torch.autocast(bfloat16) (bf16 matrix units; the target gradient's cosine to the float32 one was "
-        "0.99998-0.999997 on the benchmark models). Only the values change; training is unchanged.")})
+        "torch.autocast(bfloat16) (bf16 matrix units). Only the values change, by bf16 rounding of the target "
+        "gradient; training is unchanged.")})
     compile_math: Optional[bool] = field(default=None, metadata={"help": (
         "True: fuse the per-parameter optimizer math of each step (the Adam/AdamW secant slope, D(0)) with "
-        "torch.compile: one pass over the parameters instead of about 15 (W1 on CPU: that phase 25 -> 13 ms a "
-        "step, ~2% of a plain step). The "
-        "first step pays the compilation (seconds; inductor needs a C++ compiler on CPU, Triton on GPU); where it "
+        "torch.compile: one pass over the parameters instead of about 15. The first step pays the compilation (seconds; inductor needs a C++ compiler on CPU, Triton on GPU); where it "
         "fails, the eager math runs with a warning. Values equal the eager ones up to float rounding; training "
         "is unchanged. None (the default): off unless the preset sets it.")})
     preset: Optional[str] = field(default=None, metadata={"help": (
         "A named set of field values: 'exact' (the reference), 'fast' (cache_dtype and target_dtype "
-        "'bfloat16': products and the target pass on bf16 matrix units, Pearson R >= 0.9999 against exact on "
-        "the benchmarks; for GPUs from sm80 and CPUs with AMX) or 'lowrank' (product_rank=16: for CPUs "
-        "without bf16 units); both also set compile_math. docs/benchmarks.md has the measurements. The preset fills the fields it names; giving one of them a non-default value that "
-        "differs from the preset's is an error (drop the preset or that field).")})
+        "'bfloat16': products and the target pass on bf16 matrix units; for GPUs from sm80 and CPUs with AMX) "
+        "or 'lowrank' (product_rank=16: for CPUs without bf16 units); both also set compile_math. "
+        "docs/benchmarks.md has their speed and fidelity. The preset fills the fields it names; giving one of "
+        "them a non-default value that differs from the preset's is an error (drop the preset or that field).")})
     reduction: str = field(default="mean", metadata={"help": (
         "How the training loss combines per-sample losses: 'mean' (L = sum_i l_i / |B|, the usual) or "
         "'sum'. |B| counts every sample of every micro-batch of the optimizer step.")})
@@ -123,10 +118,9 @@ class Config:
         if self.product_rank is not None and (isinstance(self.product_rank, bool)
                                               or not isinstance(self.product_rank, int) or self.product_rank < 1):
             raise ConfigError(f"Config.product_rank={self.product_rank!r} must be a positive integer or None (exact)")
-        _choice("estimator", self.estimator, ("secant", "adam-lagged", "sgd"))
+        _choice("estimator", self.estimator, tuple(ESTIMATORS))
         _choice("order", self.order, (1, 2))
         _choice("curvature", self.curvature, ("midpoint", "hvp"))
-        _choice("mode", self.mode, ("exact",))
         _choice("reduction", self.reduction, ("mean", "sum"))
         _choice("compute_dtype", self.compute_dtype, ("auto", "float32", "float64"))
         _choice("cold_start", self.cold_start, ("owen", "none"))

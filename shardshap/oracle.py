@@ -15,6 +15,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 UTILITIES = ("true", "taylor1", "taylor2")
 
 
@@ -49,7 +51,7 @@ def shapley(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     `permutations` antithetic Monte Carlo permutations. Nothing of `model` or `optimizer` is changed.
     """
     if utility not in UTILITIES:
-        raise ValueError(f"utility={utility!r}; choose one of {UTILITIES}")
+        raise ConfigError(f"utility={utility!r}; choose one of {UTILITIES}")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     rng_devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
 

@@ -8,7 +8,9 @@ from typing import Optional
 import torch
 
 from .attributor import Attributor
+from .backends import detect
 from .config import Config
+from .estimators import ESTIMATORS
 from .oracle import OracleResult, shapley
 
 
@@ -32,7 +34,8 @@ def compare_estimators(model, optimizer, train_loss, target_loss, batch, sample_
     """Run each estimator variant on a private copy of (model, optimizer) for the same step and compare
     its values with the exact Shapley values of the true one-step game. Nothing passed in is changed."""
     base = base or Config()
-    variants = variants or [dict(estimator=e, order=o) for e in ("secant", "adam-lagged", "sgd") for o in (2, 1)]
+    variants = variants or [dict(estimator=e, order=o) for e in ESTIMATORS for o in (2, 1)]
+    update_rule = detect(model).update_rule(optimizer)
     if oracle is None:
         oracle = shapley(model, optimizer, train_loss, target_loss, batch, targets, reduction=base.reduction,
                          max_grad_norm=base.max_grad_norm, **oracle_kwargs)
@@ -40,7 +43,7 @@ def compare_estimators(model, optimizer, train_loss, target_loss, batch, sample_
     out = []
     for v in variants:
         cfg = Config.from_dict({**base.to_dict(), **v})
-        if cfg.estimator == "adam-lagged" and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        if not ESTIMATORS[cfg.estimator].supports(update_rule):
             continue
         m2, o2 = copy.deepcopy((model, optimizer))
         attr = Attributor(m2, o2, train_loss, target_loss, cfg)

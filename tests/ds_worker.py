@@ -69,7 +69,7 @@ def full_state(engine):
 
 def fail_first_steps(engine, case, rank, world):
     """Steps that must raise before DeepSpeed steps, and leave nothing behind."""
-    from shardshap.attributor import AttributionError
+    from shardshap import AttributionError
     micro, micro_ids = local_micro_batches(case, 0, rank, world)
     bad = shardshap.Attributor(engine, None, case.train_loss, case.target_loss,
                                shardshap.Config(num_samples=64, max_grad_norm=2 * CLIP))
@@ -118,7 +118,7 @@ def run(config: str, attributed: bool, rank: int, world: int, out: str) -> dict:
     else:
         np.savez(tag + ".npz", **state)
     info = {"config": config, "attributed": attributed, "seconds": seconds, "bytes_sent": sent,
-            "engine": type(attr.engine).__name__ if attr else None}
+            "engine": type(attr.backend).__name__ if attr else None}
     engine.destroy()
     return info
 

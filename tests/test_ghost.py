@@ -52,7 +52,7 @@ def ghost_and_reference(model, loss_fn, micro_batches, K=3, exclude=()):
             losses = loss_fn(model, mb)
             losses.sum().backward()
         sizes.append(mb[-1])
-    per_param = cap.products(W, sizes, torch.float64)
+    per_param = cap.products(W, sizes, torch.float64).per_param
     ghost = torch.stack(list(per_param.values())).sum(0)
     cap.remove()
     params = list(pl.params.values())

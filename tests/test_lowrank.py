@@ -82,42 +82,41 @@ def products(model, W, rank, b=5, T=4):
     x = torch.randn(b, T, 64, dtype=DT, generator=torch.Generator().manual_seed(1))
     with cap.recording(b, 0):
         model(x).square().mean((1, 2)).sum().backward()
-    out = cap.products(W, [b], DT, rank=rank)
-    info = cap.lowrank_info
+    result = cap.products(W, [b], DT, rank=rank)
     cap.remove()
-    return out, info
+    return result.per_param, result.lowrank, result.W
 
 
 def test_capture_with_rank_at_least_the_true_rank_is_exact():
     model = Net().to(DT)
     W = {id(p): (low_rank(2, *p.shape, rank=3, seed=i) if p.dim() == 2 else torch.randn(2, *p.shape, dtype=DT))
          for i, p in enumerate(model.parameters())}
-    exact, _ = products(model, W, None)
+    exact, _, _ = products(model, W, None)
     W_copy = {k: v.clone() for k, v in W.items()}
-    approx, info = products(model, W_copy, rank=4)
+    approx, info, W_used = products(model, W_copy, rank=4)
     assert set(info["energy"]) == {"fc.weight", "conv.weight", "head.weight"} and not info["exact_layers"]
     assert set(info["layer_rank"].values()) == {4}
     assert all(abs(v - 1) < 1e-9 for v in info["energy"].values())
     for name in exact:
         torch.testing.assert_close(approx[name], exact[name], rtol=1e-8, atol=1e-10)
-    for k in W:  # the approximation written back equals the original (its rank is 3)
-        torch.testing.assert_close(W_copy[k], W[k], rtol=1e-8, atol=1e-10)
+    for k in W:  # the approximation used equals the original (its rank is 3); the caller's W is untouched
+        torch.testing.assert_close(W_used[k], W[k], rtol=1e-8, atol=1e-10)
+        assert torch.equal(W_copy[k], W[k])
 
 
 def test_low_energy_layers_fall_back_to_exact():
     model = Net().to(DT)
     W = {id(p): torch.randn(1, *p.shape, dtype=DT) for p in model.parameters()}  # full rank: energy << 0.95
     W[id(model.fc.weight)] = low_rank(1, 64, 64, rank=2)  # this layer stays low-rank
-    exact, _ = products(model, W, None)
-    W_copy = {k: v.clone() for k, v in W.items()}
-    approx, info = products(model, W_copy, rank=2)
+    exact, _, _ = products(model, W, None)
+    approx, info, W_used = products(model, W, rank=2)
     assert sorted(info["exact_layers"]) == ["conv.weight", "head.weight"]
     assert info["layer_rank"] == {"fc.weight": 2}
     assert info["energy"]["conv.weight"] < MIN_ENERGY and info["energy"]["fc.weight"] > 0.999
     params = dict(model.named_parameters())
     for name in ("conv.weight", "head.weight"):
         assert torch.equal(approx[name], exact[name])
-        assert torch.equal(W_copy[id(params[name])], W[id(params[name])])
+        assert torch.equal(W_used[id(params[name])], W[id(params[name])])
     torch.testing.assert_close(approx["fc.weight"], exact["fc.weight"], rtol=1e-8, atol=1e-10)
 
 
@@ -125,8 +124,8 @@ def test_low_energy_layers_raise_the_rank_first():
     model = Net().to(DT)
     W = {id(p): torch.randn(1, *p.shape, dtype=DT) for p in model.parameters()}
     W[id(model.fc.weight)] = low_rank(1, 64, 64, rank=6)  # rank 2 and 4 keep < 0.95 of it, rank 8 all
-    exact, _ = products(model, W, None)
-    approx, info = products(model, {k: v.clone() for k, v in W.items()}, rank=2)
+    exact, _, _ = products(model, W, None)
+    approx, info, _ = products(model, W, rank=2)
     assert info["layer_rank"] == {"fc.weight": 8} and info["energy"]["fc.weight"] > 1 - 1e-9
     assert sorted(info["exact_layers"]) == ["conv.weight", "head.weight"]  # full rank: tried up to 16, then exact
     torch.testing.assert_close(approx["fc.weight"], exact["fc.weight"], rtol=1e-8, atol=1e-10)
@@ -219,7 +218,7 @@ def test_bf16_capture_keeps_bf16_and_products_track_float32():
             model(x).square().mean((1, 2)).sum().backward()
         calls = [c for cs in cap.calls.values() for c in cs]
         assert {c.a.dtype for c in calls} == {c.e.dtype for c in calls} == {cache or torch.float32}
-        out[cache] = cap.products(W, [5], torch.float32)
+        out[cache] = cap.products(W, [5], torch.float32).per_param
         cap.remove()
     for name, ref in out[None].items():
         assert out[torch.bfloat16][name].dtype == torch.float32

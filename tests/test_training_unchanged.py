@@ -8,6 +8,7 @@ import torch
 
 import cases
 import shardshap
+from shardshap.estimators import ESTIMATORS
 
 
 def plain_step(model, opt, train_loss, micro, clip):
@@ -40,7 +41,7 @@ def assert_same(m1, o1, m2, o2):
             assert torch.equal(torch.as_tensor(s1[k]), torch.as_tensor(s2[k])), f"optimizer state {k} differs"
 
 
-VARIANTS = [dict(estimator=e, order=o) for e in ("secant", "adam-lagged", "sgd") for o in (1, 2)] + [
+VARIANTS = [dict(estimator=e, order=o) for e in ESTIMATORS for o in (1, 2)] + [
     dict(estimator="secant", order=2, curvature="hvp")]
 
 

@@ -11,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import StoreError
+
 
 @dataclass
 class Manifest:
@@ -49,10 +51,10 @@ def read_manifest(path: str, num_samples: int) -> Optional[Manifest]:
                 row = json.loads(line)
                 i = int(row["id"])
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{n}: not a manifest row ({err}); expected "
+                raise StoreError(f"{path}:{n}: not a manifest row ({err}); expected "
                                  '{"id": int, "domain": str, "text": str}') from None
             if not 0 <= i < num_samples:
-                raise ValueError(f"{path}:{n}: id {i} outside the store's [0, {num_samples})")
+                raise StoreError(f"{path}:{n}: id {i} outside the store's [0, {num_samples})")
             domain[i] = str(row.get("domain", ""))
             if "text" in row:
                 text[i] = row["text"]

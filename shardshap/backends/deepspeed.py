@@ -10,14 +10,14 @@ Each rank owns a contiguous range of every flattened parameter (possibly empty):
   full value stays in p.data on every rank, their optimizer state is partitioned like the others.
 
 What the Attributor gets:
-- Shard.value: a writable view of the fp32 master values (ZeRO-1/2: hp fragment; ZeRO-3: the slice of
+- OwnedSlice.value: a writable view of the fp32 master values (ZeRO-1/2: hp fragment; ZeRO-3: the slice of
   fp32_partitioned_groups_flat). The midpoint shift moves it; `target_gradients` then moves what the
-  forward reads (ZeRO-1/2: copy master -> bit16 partition + the same all-gather DeepSpeed runs after its
-  step; ZeRO-3: master -> ds_tensor, persistent parameters re-gathered) and restores all of it bit-exactly.
-- Shard.grad: a copy of the owned elements of the reduced (rank-averaged) gradient, clipped by `clip` with
+  forward reads (`shifted`; ZeRO-1/2: copy master -> bit16 partition + the same all-gather DeepSpeed runs after
+  its step; ZeRO-3: master -> ds_tensor, persistent parameters re-gathered) and restores all of it bit-exactly.
+- OwnedSlice.grad: a copy of the owned elements of the reduced (rank-averaged) gradient, clipped by `clip` with
   exactly DeepSpeed's factor (its own norm function, its own formula); DeepSpeed clips the real gradient
   in engine.step(), so nothing is clipped twice.
-- Shard.state: views of exp_avg / exp_avg_sq of the inner optimizer and its `step` (empty before the first
+- OwnedSlice.state: views of exp_avg / exp_avg_sq of the inner optimizer and its `step` (empty before the first
   step: DeepSpeed creates the state lazily).
 - Target gradients: engine.module(...) + torch.autograd.grad (never engine(...): its output hooks divide
   by gradient_accumulation_steps and disturb ZeRO-2/3 accumulation), restricted to the owned range.
@@ -27,19 +27,17 @@ What the Attributor gets:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import Engine, Shard
+from ..errors import AttributionError, UnsupportedEngine, UnsupportedOptimizer
+from .base import Backend, OwnedSlice
 
 
-def _error(message: str) -> Exception:
-    from ..attributor import AttributionError
-    return AttributionError(message)
-
-
-class DeepSpeedEngine(Engine):
+class ZeroBackend(Backend):
     partitioned = True
     owns_backward = True
 
@@ -48,16 +46,19 @@ class DeepSpeedEngine(Engine):
         self.zero = model.optimizer
         stage = int(model.zero_optimization_stage()) if model.zero_optimization() else 0
         if stage not in (1, 2, 3):
-            raise TypeError(f"DeepSpeed engine with ZeRO stage {stage}: shardshap supports ZeRO stages 1, 2 and 3 "
+            raise UnsupportedEngine(f"DeepSpeed engine with ZeRO stage {stage}: shardshap supports ZeRO stages 1, 2 and 3 "
                             "(set zero_optimization.stage)")
         if model.fp16_enabled():
-            raise TypeError("DeepSpeed fp16 (loss scaling) is not supported: the captured output gradients carry the "
+            raise UnsupportedEngine("DeepSpeed fp16 (loss scaling) is not supported: the captured output gradients carry the "
                             "dynamic loss scale; train in fp32 or bf16")
         if getattr(self.zero, "cpu_offload", False) or getattr(self.zero, "offload_optimizer", False) \
                 or getattr(self.zero, "offload_param", False):
-            raise TypeError("DeepSpeed ZeRO offload is not supported (optimizer state must stay on the device)")
-        world = dist.get_world_size()
-        super().__init__(model, model.module, world, dist.get_rank())
+            raise UnsupportedEngine("DeepSpeed ZeRO offload is not supported (optimizer state must stay on the device)")
+        super().__init__(model, model.module, self.zero.dp_process_group)
+        if self.dp_size != dist.get_world_size():
+            raise UnsupportedEngine(f"DeepSpeed data-parallel group of {self.dp_size} ranks in a world of "
+                                    f"{dist.get_world_size()} (model or sequence parallelism): not supported yet; "
+                                    "run pure data parallelism (every rank a data-parallel rank)")
         self.stage = stage
         self.gas = int(model.gradient_accumulation_steps())
         self._micro = 0            # micro-batches of the current step seen so far
@@ -74,13 +75,13 @@ class DeepSpeedEngine(Engine):
         z = self.zero
         for i, group in enumerate(z.bit16_groups):
             g = z.real_dp_process_group[i]
-            if dist.get_world_size(group=g) != self.world_size:
-                raise TypeError("DeepSpeed data-parallel group smaller than the world (model/expert parallelism) "
-                                "is not supported")
+            if dist.get_world_size(group=g) != self.dp_size:
+                raise UnsupportedEngine("a DeepSpeed parameter group is partitioned over a group other than the "
+                                        "data-parallel group (expert parallelism); not supported")
         self.group_of = {id(p): i for i, group in enumerate(z.bit16_groups) for p in group}
         missing = [p for p in self.params if id(p) not in self.group_of]
         if missing:
-            raise TypeError(f"{len(missing)} trainable parameter(s) of engine.module are not in the DeepSpeed "
+            raise UnsupportedEngine(f"{len(missing)} trainable parameter(s) of engine.module are not in the DeepSpeed "
                             "optimizer; give every trainable parameter to deepspeed.initialize")
         local = []
         for p in self.params:
@@ -90,26 +91,25 @@ class DeepSpeedEngine(Engine):
             else:
                 a = hm.lp_fragment_address
                 local.append((int(a.start), int(a.numel)))
-        everyone = [None] * self.world_size
-        dist.all_gather_object(everyone, local)  # once: who owns which range of every parameter
-        self.ranges = {id(p): [everyone[r][j] for r in range(self.world_size)] for j, p in enumerate(self.params)}
+        everyone = self.all_gather_object(local)  # once: who owns which range of every parameter
+        self.ranges = {id(p): [everyone[r][j] for r in range(self.dp_size)] for j, p in enumerate(self.params)}
 
     def _init_zero3(self):
         for p in self.params:
             if not hasattr(p, "ds_id"):
-                raise TypeError("ZeRO-3 engine with a parameter that DeepSpeed did not partition")
-            if dist.get_world_size(group=p.ds_process_group) != self.world_size:
-                raise TypeError("ZeRO-3 partition groups smaller than the world (MiCS, hpZ, model parallelism) "
-                                "are not supported")
+                raise UnsupportedEngine("ZeRO-3 engine with a parameter that DeepSpeed did not partition")
+            if dist.get_world_size(group=p.ds_process_group) != self.dp_size:
+                raise UnsupportedEngine("ZeRO-3 partition groups smaller than the data-parallel group (MiCS, hpZ) "
+                                        "are not supported")
         self.ranges = {}
         for p in self.params:
             part, n = p.ds_tensor.numel(), p.ds_numel
-            self.ranges[id(p)] = [(min(r * part, n), max(0, min(part, n - r * part))) for r in range(self.world_size)]
+            self.ranges[id(p)] = [(min(r * part, n), max(0, min(part, n - r * part))) for r in range(self.dp_size)]
 
     def _owned_range(self, p) -> tuple[int, int]:
-        return self.ranges[id(p)][self.rank]
+        return self.ranges[id(p)][self.dp_rank]
 
-    def _full_shape(self, p) -> torch.Size:
+    def full_shape(self, p) -> torch.Size:
         return p.ds_shape if self.stage == 3 else p.shape
 
     def _full_numel(self, p) -> int:
@@ -118,14 +118,13 @@ class DeepSpeedEngine(Engine):
     # ---------------------------------------------------------------- training
     def resolve_optimizer(self, optimizer):
         if optimizer is not None and optimizer is not self.zero:
-            raise TypeError("with a DeepSpeed engine pass optimizer=None: the engine owns its optimizer "
+            raise UnsupportedEngine("with a DeepSpeed engine pass optimizer=None: the engine owns its optimizer "
                             "(engine.optimizer)")
         return self.zero
 
     def update_rule(self, optimizer):
         from ..optim import rule_for
         from ..optim.adam import AdamRule
-        from ..optim.base import UnsupportedOptimizer
         inner = optimizer.optimizer
         name = type(inner).__name__
         if name in ("FusedAdam", "DeepSpeedCPUAdam"):
@@ -167,11 +166,11 @@ class DeepSpeedEngine(Engine):
     def after_micro_batch(self, last: bool) -> None:
         boundary = self.ds.is_gradient_accumulation_boundary()
         if last and not boundary:
-            raise _error(f"the step has {self._micro} micro-batch(es) but the DeepSpeed config has "
+            raise AttributionError(f"the step has {self._micro} micro-batch(es) but the DeepSpeed config has "
                          f"gradient_accumulation_steps={self.gas}: pass exactly that many micro-batches per step")
         if not last:
             if boundary:
-                raise _error(f"the step has more micro-batches than the DeepSpeed config's "
+                raise AttributionError(f"the step has more micro-batches than the DeepSpeed config's "
                              f"gradient_accumulation_steps={self.gas}")
             self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step
 
@@ -179,12 +178,8 @@ class DeepSpeedEngine(Engine):
         self.ds.step()
         self._micro = 0
 
-    def no_sync(self, last_micro_batch: bool):
-        from contextlib import nullcontext
-        return nullcontext()
-
     # ---------------------------------------------------------------- shards
-    def shards(self, optimizer) -> dict[int, Shard]:
+    def shards(self, optimizer) -> dict[int, OwnedSlice]:
         return self._shards_zero3() if self.stage == 3 else self._shards_zero12()
 
     @staticmethod
@@ -192,7 +187,7 @@ class DeepSpeedEngine(Engine):
         return {k: (v.narrow(0, start, numel) if torch.is_tensor(v) and v.shape == flat.shape else v)
                 for k, v in state.items()}
 
-    def _shards_zero12(self) -> dict[int, Shard]:
+    def _shards_zero12(self) -> dict[int, OwnedSlice]:
         z = self.zero
         out = {}
         for p in self.params:
@@ -203,18 +198,18 @@ class DeepSpeedEngine(Engine):
             hm = p._hp_mapping
             if hm is None:  # this rank owns no element of p
                 empty = flat.new_empty(0)
-                out[id(p)] = Shard(p, empty, empty.clone(), self._state_slice(state, flat, 0, 0), group, 0)
+                out[id(p)] = OwnedSlice(p, empty, empty.clone(), self._state_slice(state, flat, 0, 0), group, 0)
                 continue
             a, h = hm.lp_fragment_address, hm.hp_fragment_address
             grad = hm.get_lp_grad_fragment(p._index_in_param_group).to(torch.float32).flatten()
             if grad.numel() == p.numel() and grad.numel() != a.numel:  # a full-size accumulation buffer
                 grad = grad.narrow(0, a.start, a.numel)
             value = flat.narrow(0, h.start, h.numel)
-            out[id(p)] = Shard(p, value, grad.detach().clone(), self._state_slice(state, flat, h.start, h.numel),
+            out[id(p)] = OwnedSlice(p, value, grad.detach().clone(), self._state_slice(state, flat, h.start, h.numel),
                                group, int(a.start))
         return out
 
-    def _shards_zero3(self) -> dict[int, Shard]:
+    def _shards_zero3(self) -> dict[int, OwnedSlice]:
         from deepspeed.utils import safe_get_local_grad
         z = self.zero
         out = {}
@@ -225,7 +220,7 @@ class DeepSpeedEngine(Engine):
             state = z.optimizer.state.get(flat, {})
             start, k = self._owned_range(p)
             grad = safe_get_local_grad(p).detach().flatten()[:k].to(torch.float32).clone()
-            out[id(p)] = Shard(p, flat.narrow(0, offset, k), grad, self._state_slice(state, flat, offset, k),
+            out[id(p)] = OwnedSlice(p, flat.narrow(0, offset, k), grad, self._state_slice(state, flat, offset, k),
                                group, start)
         return out
 
@@ -241,7 +236,7 @@ class DeepSpeedEngine(Engine):
     def clip(self, shards, max_norm) -> float:
         clip_grad = float(self.ds.gradient_clipping() or 0.0)
         if max_norm is not None and (clip_grad <= 0 or abs(max_norm - clip_grad) > 1e-12 * max(1.0, clip_grad)):
-            raise _error(f"Config.max_grad_norm={max_norm} but the DeepSpeed config has gradient_clipping="
+            raise AttributionError(f"Config.max_grad_norm={max_norm} but the DeepSpeed config has gradient_clipping="
                          f"{clip_grad}: under DeepSpeed the engine clips; set gradient_clipping in the DeepSpeed "
                          "config and leave Config.max_grad_norm None (or equal to it)")
         if clip_grad <= 0:
@@ -274,9 +269,7 @@ class DeepSpeedEngine(Engine):
                 r = dist.get_rank(group=z.real_dp_process_group[i])
                 pairs.append((parts[r], z.single_partition_of_fp32_groups[i]))
             differs = any(not torch.equal(hp.to(lp.dtype), lp) for lp, hp in pairs)
-        flag = torch.tensor([1 if differs else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._count(flag)
+        flag = self.all_reduce(torch.tensor([1 if differs else 0], dtype=torch.int32), "max")
         if not int(flag):
             return None
         with torch.no_grad():
@@ -310,44 +303,51 @@ class DeepSpeedEngine(Engine):
                             flat.copy_(s)
         return restore
 
+    @contextmanager
+    def shifted(self, shards, shifts):
+        """Shift the fp32 master values, then make what the forward reads follow them (and back)."""
+        with super().shifted(shards, shifts):
+            restore = self._sync_forward_params()
+            try:
+                yield
+            finally:
+                if restore is not None:
+                    restore()
+
     def target_gradients(self, evaluate, params, dtype, split: bool = False):
-        restore = self._sync_forward_params()
-        try:
-            value = evaluate()  # engine.module(...): DeepSpeed's training state is not touched
-            K = value.numel()
-            grads = [[] for _ in params]
-            for k in range(K):
-                # ZeRO-3 releases each layer after its backward and does not re-gather it for a second
-                # backward through a retained graph: one forward per target there
-                v = value if k == 0 or self.stage != 3 else evaluate()
-                gk = torch.autograd.grad(v[k], params, retain_graph=self.stage != 3 and k < K - 1,
-                                         allow_unused=True)
-                for acc, g, p in zip(grads, gk, params):
-                    if g is None:
-                        acc.append(None)
-                        continue
-                    g = g.detach().reshape(-1)
-                    if g.numel() != self._full_numel(p):
-                        raise RuntimeError(f"target gradient of size {g.numel()} for a parameter of "
+        value = evaluate()  # engine.module(...): DeepSpeed's training state is not touched
+        K = value.numel()
+        grads = [[] for _ in params]
+        for k in range(K):
+            # ZeRO-3 releases each layer after its backward and does not re-gather it for a second
+            # backward through a retained graph: one forward per target there
+            v = value if k == 0 or self.stage != 3 else evaluate()
+            gk = torch.autograd.grad(v[k], params, retain_graph=self.stage != 3 and k < K - 1,
+                                     allow_unused=True)
+            for acc, g, p in zip(grads, gk, params):
+                if g is None:
+                    acc.append(None)
+                    continue
+                g = g.detach().reshape(-1)
+                if g.numel() != self._full_numel(p):
+                    raise AttributionError(f"target gradient of size {g.numel()} for a parameter of "
                                            f"{self._full_numel(p)} elements")
-                    if split:  # each rank evaluated its share: average the full gradient over ranks
-                        g = self.all_reduce_sum(g.to(dtype).clone()) / self.world_size
-                    start, n = self._owned_range(p)
-                    acc.append(g.narrow(0, start, n).to(dtype).clone())
-            h = [None if any(x is None for x in g) else torch.stack(g) for g in grads]
-            value = value.detach()
-            if split:
-                value = self.all_reduce_sum(value.clone()) / self.world_size
-        finally:
-            if restore is not None:
-                restore()
+                if split:  # each rank evaluated its share: average the full gradient over ranks
+                    g = self.all_reduce_sum(g.to(dtype).clone()) / self.dp_size
+                start, n = self._owned_range(p)
+                acc.append(g.narrow(0, start, n).to(dtype).clone())
+        h = [None if any(x is None for x in g) else torch.stack(g) for g in grads]
+        value = value.detach()
+        if split:
+            value = self.all_reduce_sum(value.clone()) / self.dp_size
         return h, value
 
     # ---------------------------------------------------------------- communication
     def _count(self, t: torch.Tensor) -> None:
-        self.bytes_sent = getattr(self, "bytes_sent", 0) + t.numel() * t.element_size()
+        """Count the payload of a collective DeepSpeed runs for us (its own all-gathers)."""
+        self.bytes_sent += t.numel() * t.element_size()
 
-    def gather(self, shard: Shard, owned: torch.Tensor) -> torch.Tensor:
+    def gather(self, shard: OwnedSlice, owned: torch.Tensor) -> torch.Tensor:
         """[K, owned] -> [K, *full shape]: the owner broadcasts when one rank owns the whole parameter,
         else a padded all-gather of every rank's range."""
         p = shard.param
@@ -356,23 +356,19 @@ class DeepSpeedEngine(Engine):
         numel = self._full_numel(p)
         owners = [r for r, (_, n) in enumerate(ranges) if n > 0]
         if len(owners) == 1 and ranges[owners[0]][1] == numel:
-            full = owned.contiguous() if self.rank == owners[0] else \
+            full = owned.contiguous() if self.dp_rank == owners[0] else \
                 torch.empty(K, numel, dtype=owned.dtype, device=owned.device)
-            dist.broadcast(full, src=owners[0])
-            if self.rank == owners[0]:
-                self._count(full)
-            return full.reshape(K, *self._full_shape(p))
+            self.broadcast(full, src=owners[0])
+            return full.reshape(K, *self.full_shape(p))
         width = max(n for _, n in ranges)
         padded = torch.zeros(K, width, dtype=owned.dtype, device=owned.device)
         padded[:, :owned.shape[1]] = owned
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
-        self._count(padded)
+        parts = self.all_gather(padded)
         full = torch.zeros(K, numel, dtype=owned.dtype, device=owned.device)
         for (start, n), part in zip(ranges, parts):
             full[:, start:start + n] = part[:, :n]
-        return full.reshape(K, *self._full_shape(p))
+        return full.reshape(K, *self.full_shape(p))
 
-    def owned(self, shard: Shard, full: torch.Tensor, lead: int = 0) -> torch.Tensor:
+    def owned(self, shard: OwnedSlice, full: torch.Tensor, lead: int = 0) -> torch.Tensor:
         start, n = self._owned_range(shard.param)
         return full.reshape(*full.shape[:lead], -1).narrow(-1, start, n)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from . import Engine, Shard
+from ..errors import UnsupportedEngine
+from .base import Backend, OwnedSlice
 
 
 def _dtensor():
@@ -23,7 +23,7 @@ def _dtensor():
     return DTensor, Placement
 
 
-class FSDP2Engine(Engine):
+class FSDP2Backend(Backend):
     partitioned = True
 
     @staticmethod
@@ -35,18 +35,23 @@ class FSDP2Engine(Engine):
         return isinstance(model, FSDPModule)
 
     def __init__(self, model: nn.Module):
-        super().__init__(model, model, dist.get_world_size(), dist.get_rank())
         DTensor, Placement = _dtensor()
+        meshes = set()
         for name, p in model.named_parameters():
             if not isinstance(p, DTensor) or tuple(p.placements) != (Placement(0),):
-                raise TypeError(f"FSDP2 parameter {name} is not sharded on dim 0 over one mesh dimension "
-                                f"({getattr(p, 'placements', 'not a DTensor')}); only fully_shard's default "
-                                "layout is supported")
+                raise UnsupportedEngine(f"FSDP2 parameter {name} is not sharded on dim 0 over one mesh dimension "
+                                        f"({getattr(p, 'placements', 'not a DTensor')}); only fully_shard's "
+                                        "default layout is supported")
+            meshes.add(p.device_mesh)
+        if len(meshes) != 1:
+            raise UnsupportedEngine(f"FSDP2 parameters on {len(meshes)} different device meshes; shard the whole "
+                                    "model over one mesh")
+        super().__init__(model, model, meshes.pop().get_group())
 
     def _chunk_rows(self, p) -> int:
-        return math.ceil(p.shape[0] / self.world_size)  # torch.chunk, as fully_shard splits dim 0
+        return math.ceil(p.shape[0] / self.dp_size)  # torch.chunk, as fully_shard splits dim 0
 
-    def shards(self, optimizer) -> dict[int, Shard]:
+    def shards(self, optimizer) -> dict[int, OwnedSlice]:
         DTensor, _ = _dtensor()
         local = lambda t: t.to_local() if isinstance(t, DTensor) else t
         out = {}
@@ -59,8 +64,8 @@ class FSDP2Engine(Engine):
                 state = {k: (local(v).view(-1) if isinstance(v, DTensor) else v)
                          for k, v in optimizer.state.get(p, {}).items()}
                 row = math.prod(p.shape[1:])
-                start = min(self.rank * self._chunk_rows(p), p.shape[0]) * row
-                out[id(p)] = Shard(p, value, local(p.grad).view(-1), state, group, start)
+                start = min(self.dp_rank * self._chunk_rows(p), p.shape[0]) * row
+                out[id(p)] = OwnedSlice(p, value, local(p.grad).view(-1), state, group, start)
         return out
 
     def clip(self, shards, max_norm) -> float:
@@ -100,16 +105,14 @@ class FSDP2Engine(Engine):
                 p.grad = g
         h = [None if any(x is None for x in g) else torch.stack(g) for g in grads]
         # FSDP averaged the gradients over ranks; average the reported losses the same way
-        return h, self.all_reduce_sum(value.clone()) / self.world_size
+        return h, self.all_reduce_sum(value.clone()) / self.dp_size
 
-    def gather(self, shard: Shard, owned: torch.Tensor) -> torch.Tensor:
+    def gather(self, shard: OwnedSlice, owned: torch.Tensor) -> torch.Tensor:
         p = shard.param
         row = math.prod(p.shape[1:])
         chunk = self._chunk_rows(p) * row
         K = owned.shape[0]
         padded = torch.zeros(K, chunk, dtype=owned.dtype, device=owned.device)
         padded[:, :owned.shape[1]] = owned
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded.contiguous())
-        self.bytes_sent += padded.numel() * padded.element_size()
+        parts = self.all_gather(padded)
         return torch.cat(parts, dim=1)[:, :p.numel()].reshape(K, *p.shape)

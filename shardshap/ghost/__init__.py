@@ -1,6 +1,7 @@
 """Ghost (per-sample) products <grad l_i, W> without per-sample gradients, one rule per module kind."""
 from . import conv, embedding, linear, norms  # noqa: F401  (register the built-in rules)
-from .capture import AttributedModule, Capture, Plan, UnsupportedModule, plan
+from ..errors import UnsupportedModule
+from .capture import AttributedModule, Capture, Plan, plan
 from .registry import Rule, register, rule_for
 
 __all__ = ["AttributedModule", "Capture", "Plan", "Rule", "UnsupportedModule", "plan", "register", "rule_for"]

@@ -2,23 +2,24 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
+from ..errors import BatchShapeError, UnsupportedModule
 from .lowrank import MIN_ENERGY, Factors, factorize, worth_it
 from .registry import Rule, grads_products, rule_for
 
 
-class UnsupportedModule(TypeError):
-    """A trainable parameter has no per-sample product rule and was not excluded."""
-
-
-class BatchShapeError(ValueError):
-    """An attributed module saw a leading dimension other than the micro-batch's number of samples."""
+class Products(NamedTuple):
+    """What `Capture.products` computed, and with which W."""
+    per_param: dict[str, torch.Tensor]  # canonical parameter name -> [samples, K]
+    W: Mapping[int, torch.Tensor]       # id(param) -> the W [K, *shape] the products used
+    lowrank: dict                       # low rank only: energy, layer_rank, exact_layers (else empty)
 
 
 @dataclass
@@ -131,7 +132,6 @@ class Capture:
         self._batch_size: Optional[int] = None
         self._micro = 0
         self._handles = []
-        self.lowrank_info: dict = {}  # set by products(rank=...): per-layer energy, exact fallbacks
         for am in plan_.modules:
             self._handles.append(am.module.register_forward_hook(self._hook(am)))
 
@@ -191,17 +191,16 @@ class Capture:
         self._handles.clear()
         self.clear()
 
-    def products(self, W: dict[int, torch.Tensor], batch_sizes: list[int], dtype: torch.dtype,
-                 rank: Optional[int] = None) -> dict[str, torch.Tensor]:
+    def products(self, W: Mapping[int, torch.Tensor], batch_sizes: list[int], dtype: torch.dtype,
+                 rank: Optional[int] = None) -> Products:
         """Per attributed parameter (canonical name): Tensor[sum(batch_sizes), K] of <c g_i, W_k>.
 
         `W` maps id(param) to [K, *param.shape]; `c g_i` is sample i's contribution to the batch
         gradient (the captured output gradients carry the loss reduction's factor).
-        `rank` (Config.product_rank): matrix weights use low-rank products (ghost/lowrank.py), and their
-        entries of `W` are replaced in place by the rank-r approximation, so that `W` holds exactly the
-        vectors the products were taken with (every use of a tied weight and the completeness check see
-        the same W). Each layer's kept energy and the layers that fell back to exact are in
-        `self.lowrank_info`.
+        `rank` (Config.product_rank): matrix weights use low-rank products (ghost/lowrank.py); the returned
+        `Products.W` then holds the rank-r approximations the products were taken with (every use of a tied
+        weight and the completeness check see the same W), and `Products.lowrank` each layer's kept energy
+        and the layers that fell back to exact.
         """
         offsets = [0]
         for b in batch_sizes:
@@ -211,8 +210,10 @@ class Capture:
         K, device = first.shape[0], first.device
         del first
         out = {n: torch.zeros(offsets[-1], K, dtype=dtype, device=device) for n in self.plan.params}
-        self.lowrank_info = {}
-        factors = self._factorize(W, rank, names) if rank is not None else {}
+        info, factors = {}, {}
+        if rank is not None:
+            W = dict(W)  # the entries the low-rank products replace; the caller's mapping is left alone
+            factors, info = self._factorize(W, rank, names)
         for am in self.plan.modules:
             low = self._low_dtype(am)  # products in it (bf16 matrix units); the sums are kept in `dtype`
             work = dtype if low is None else low
@@ -232,18 +233,19 @@ class Capture:
                 lo, hi = offsets[call.micro], offsets[call.micro + 1]
                 for local, val in res.items():
                     out[names[id(am.params[local])]][lo:hi] += val
-        return out
+        return Products(out, W, info)
 
-    def _factorize(self, W, rank, names) -> dict[int, tuple[Rule, Factors]]:
-        """Low-rank factors of the matrix weights. A layer below MIN_ENERGY at rank r retries at 2r, 4r, ...
-        while that still saves work, and takes exact products if none reaches it."""
+    def _factorize(self, W, rank, names) -> tuple[dict[int, tuple[Rule, Factors]], dict]:
+        """Low-rank factors of the matrix weights (their entries of the dict `W` become the rank-r
+        approximations), and what was kept per layer. A layer below MIN_ENERGY at rank r retries at
+        2r, 4r, ... while that still saves work, and takes exact products if none reaches it."""
         todo = {}
         for am in self.plan.modules:
             p = am.params.get("weight")
             as_matrix = getattr(am.rule, "weight_matrix", None)  # [K, dout, din] view (Linear, Conv1D)
             if p is not None and as_matrix is not None and id(p) not in todo:
                 todo[id(p)] = (am.rule, as_matrix(W[id(p)]))
-        info = self.lowrank_info = {"energy": {}, "layer_rank": {}, "exact_layers": []}
+        info = {"energy": {}, "layer_rank": {}, "exact_layers": []}
         used, r = {}, rank
         while todo:
             tried = {pid: (rule, factorize(M, r)) for pid, (rule, M) in todo.items()
@@ -261,7 +263,7 @@ class Capture:
                     del info["layer_rank"][names[pid]]
                 del todo[pid]
             r *= 2
-        return used
+        return used, info
 
     def sum_of_squares(self, wanted: set[int], batch_sizes: list[int], dtype: torch.dtype,
                        budget: int = 1 << 24) -> dict[int, torch.Tensor]:

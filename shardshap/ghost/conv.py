@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnsupportedModule
 from .registry import Rule, bias_products, register
 
 
@@ -14,7 +15,7 @@ class ConvRule(Rule):
 
     def validate(self, module, name):
         if module.padding_mode != "zeros":
-            raise NotImplementedError(f"{name}: Conv padding_mode={module.padding_mode!r} is not supported "
+            raise UnsupportedModule(f"{name}: Conv padding_mode={module.padding_mode!r} is not supported "
                                       "(only 'zeros')")
 
     def _patches(self, module, a, e):

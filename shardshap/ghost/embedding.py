@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModule
 from .registry import Rule, register
 
 
@@ -13,7 +14,7 @@ class EmbeddingRule(Rule):
 
     def validate(self, module, name):
         if module.max_norm is not None:
-            raise NotImplementedError(f"{name}: Embedding(max_norm=...) renormalises its weight in the "
+            raise UnsupportedModule(f"{name}: Embedding(max_norm=...) renormalises its weight in the "
                                       "forward; per-sample products do not support it")
 
     def per_sample_view(self, module, args, output, batch_size):

@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from ..attributor import AttributionError, Attributor
+from ..attributor import Attributor
+from ..errors import AttributionError
 from ..config import Config
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from .adam import AdamRule
-from .base import OptimizerRule, StepMap, UnsupportedOptimizer
+from ..errors import UnsupportedOptimizer
+from .base import OptimizerRule, StepMap
 from .sgd import SGDRule
 
 RULES: dict[type, OptimizerRule] = {

@@ -6,7 +6,8 @@ import warnings
 
 import torch
 
-from .base import OptimizerRule, StepMap, UnsupportedOptimizer, scalar
+from ..errors import UnsupportedOptimizer
+from .base import OptimizerRule, StepMap, scalar
 
 
 def adamw_secant(g, m, v, theta, lr, b1, b2, eps, wd, bc1, bc2, sign):

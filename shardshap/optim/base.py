@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from ..errors import UnsupportedOptimizer
+
 
 @dataclass
 class StepMap:
@@ -27,10 +29,6 @@ class StepMap:
     def midpoint(self, grad: torch.Tensor) -> torch.Tensor:
         """(D(0) + D(G)) / 2: the shift from theta_t to the midpoint of the step."""
         return torch.addcmul(self.d0, self.slope, grad, value=0.5)
-
-
-class UnsupportedOptimizer(TypeError):
-    """The optimizer (or one of its options) has no update rule in shardshap."""
 
 
 def scalar(x) -> float:

@@ -40,9 +40,9 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _heads(self):
         if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model={self.d_model} must be a multiple of model.n_head={self.n_head}")
+            raise ConfigError(f"model.d_model={self.d_model} must be a multiple of model.n_head={self.n_head}")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
-            raise ValueError(f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}")
+            raise ConfigError(f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}")
         return self
 
 
@@ -95,7 +95,7 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _lr(self):
         if self.min_lr > self.lr:
-            raise ValueError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}; lower min_lr")
+            raise ConfigError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}; lower min_lr")
         return self
 
 
@@ -134,18 +134,18 @@ class RecipeConfig(_Section):
                 where = {"num_samples": "the size of the built training set",
                          "max_grad_norm": "train.max_grad_norm",
                          "target_names": "the names under data.validation"}[key]
-                raise ValueError(f"attribution.{key} is set by the trainer from {where}; remove it")
+                raise ConfigError(f"attribution.{key} is set by the trainer from {where}; remove it")
         try:
             Config.from_dict(fields)
         except ConfigError as err:
-            raise ValueError(f"attribution: {err}") from None
+            raise ConfigError(f"attribution: {err}") from None
         if self.attribution.enabled and not self.data.validation:
-            raise ValueError("attribution.enabled needs targets: add data.validation: {name: [files]} "
+            raise ConfigError("attribution.enabled needs targets: add data.validation: {name: [files]} "
                              "(or set attribution.enabled: false)")
         if self.distributed.engine == "deepspeed":
             deepspeed_dict(self, world_size=None)  # static checks of the JSON
         elif self.distributed.deepspeed is not None:
-            raise ValueError("distributed.deepspeed is set but distributed.engine is "
+            raise ConfigError("distributed.deepspeed is set but distributed.engine is "
                              f"{self.distributed.engine!r}; set engine: deepspeed or remove it")
         return self
 
@@ -180,40 +180,40 @@ def deepspeed_dict(cfg: RecipeConfig, world_size: Optional[int]) -> dict:
     define them; a batch or clipping value that disagrees with the train section is an error."""
     src = cfg.distributed.deepspeed
     if src is None:
-        raise ValueError("distributed.engine is 'deepspeed' but distributed.deepspeed is missing; set it to "
+        raise ConfigError("distributed.engine is 'deepspeed' but distributed.deepspeed is missing; set it to "
                          "a DeepSpeed JSON path (e.g. configs/ds_zero2.json) or a dict")
     if isinstance(src, str):
         p = Path(src)
         if not p.is_file():
-            raise ValueError(f"distributed.deepspeed: no file {src!r} (paths are relative to the working "
+            raise ConfigError(f"distributed.deepspeed: no file {src!r} (paths are relative to the working "
                              "directory; run from the repository root or give an absolute path)")
         try:
             ds = json.loads(p.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"distributed.deepspeed: {src} is not valid JSON ({err})") from None
+            raise ConfigError(f"distributed.deepspeed: {src} is not valid JSON ({err})") from None
     else:
         ds = dict(src)
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            raise ValueError(f"distributed.deepspeed: remove the {key!r} section; the trainer builds AdamW "
+            raise ConfigError(f"distributed.deepspeed: remove the {key!r} section; the trainer builds AdamW "
                              "and the warmup+cosine schedule from the train section")
     want = {"train_micro_batch_size_per_gpu": cfg.train.micro_batch,
             "gradient_accumulation_steps": cfg.train.grad_accum,
             "gradient_clipping": cfg.train.max_grad_norm or 0.0}
     for key, value in want.items():
         if key in ds and ds[key] != value:
-            raise ValueError(f"distributed.deepspeed: {key}={ds[key]} disagrees with the train section "
+            raise ConfigError(f"distributed.deepspeed: {key}={ds[key]} disagrees with the train section "
                              f"({value}); remove it from the DeepSpeed config (the trainer fills it in)")
         ds[key] = value
     if world_size is not None:
         total = cfg.train.micro_batch * cfg.train.grad_accum * world_size
         if ds.get("train_batch_size", total) != total:
-            raise ValueError(f"distributed.deepspeed: train_batch_size={ds['train_batch_size']} but micro_batch x "
+            raise ConfigError(f"distributed.deepspeed: train_batch_size={ds['train_batch_size']} but micro_batch x "
                              f"grad_accum x ranks = {total}; remove train_batch_size")
         ds["train_batch_size"] = total
     for fp in ("fp16",):
         if ds.get(fp, {}).get("enabled"):
-            raise ValueError("distributed.deepspeed: fp16 is not supported by attribution (dynamic loss "
+            raise ConfigError("distributed.deepspeed: fp16 is not supported by attribution (dynamic loss "
                              "scaling); use bf16 or fp32")
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds

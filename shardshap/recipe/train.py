@@ -13,10 +13,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..backends import _free_port, init_distributed
+from ..backends import barrier, free_port, init_distributed
 from ..config import ConfigError
 from .config import RecipeConfig, deepspeed_dict
 from .data import Sampler, build_data, write_corpus_manifest
@@ -51,7 +50,7 @@ def _start_distributed(cfg: RecipeConfig) -> tuple[int, int]:
             k in os.environ for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
         # a distributed engine started without a launcher: a group of one, so the same code path runs
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     rank, world = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
     if world > 1 and engine == "none":
         raise ConfigError(f"launched with {world} ranks but distributed.engine is 'none'; set it to ddp, fsdp2 "
@@ -135,11 +134,6 @@ def _evaluate(eval_model, module, targets) -> list:
 
 
 # -------------------------------------------------------------------- checkpoints
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save_checkpoint(cfg, step: int, rank: int, model, opt, sched, ds_engine, attr) -> str:
     """<checkpoint dir>/step_<step>/: rank<r>.pt (scheduler, RNG, attribution state) plus the model and
     optimizer (DeepSpeed's own files, DCP shards under FSDP2, or in rank<r>.pt). `latest` is written last, so
@@ -162,7 +156,7 @@ def save_checkpoint(cfg, step: int, rank: int, model, opt, sched, ds_engine, att
         module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         state.update(model=module.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict())
     torch.save(state, path / f"rank{rank}.pt")
-    _barrier()
+    barrier()
     if rank == 0:
         (root / "latest").write_text(tag)
     return str(path)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..errors import ConfigError
 from ..verify import compare_estimators
 from .config import RecipeConfig
 from .data import Sampler, build_data
@@ -35,7 +36,7 @@ def verify(cfg: RecipeConfig, *, warm_steps: int = 12, checks: int = 2, batch: i
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg)
     if not data.val:
-        raise ValueError("verify needs targets: add data.validation to the config")
+        raise ConfigError("verify needs targets: add data.validation to the config")
     sampler = Sampler(data.pool, batch, 1, 1, cfg.train.seed)
     model = build_model(cfg, data.tokenizer.vocab_size, data.tokenizer.pad_id, "cpu").to(getattr(torch, dtype))
     model.train()

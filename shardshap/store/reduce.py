@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import StoreWriteError
 from . import reduce_worker, schema
 from .schema import COMMITTED, Layout
 
@@ -94,7 +95,7 @@ def _run_pool(plan_file: str, workers: int) -> int:
             if p.poll() is None:
                 p.kill()
     if not ok or any(codes):
-        raise RuntimeError(f"reduce worker processes failed (exit codes {codes})")
+        raise StoreWriteError(f"reduce worker processes failed (exit codes {codes})")
     return sum(int(c) for c in counts)
 
 

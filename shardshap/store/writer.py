@@ -13,6 +13,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,17 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ..errors import StoreClosedError, StoreError, StoreMismatchError, StoreWriteError
 from . import schema
 from .schema import COMMITTED, DTYPES, FILL, SLOT_ARRAYS, WRITTEN, Layout
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _numpy(x, dtype=None) -> np.ndarray:
@@ -133,6 +143,8 @@ class ScoreWriter:
         self._hwm = int(self._arrays[WRITTEN][self.rank])  # only the writer thread updates it
         self._buf: _Block | None = None
         self._last_step: int | None = None  # last step given to write_step
+        self._before_last: int | None = None  # the one before it (retract)
+        self._durable_mark = 0.0  # mtime from which files still need an fsync (flush(durable=True))
         self._resumed = False
         self._closed = False
         self._error: BaseException | None = None
@@ -147,20 +159,20 @@ class ScoreWriter:
     def _check_args(self, run_id, targets, num_samples, slots_per_rank, barrier, max_steps,
                     steps_per_chunk):
         if not run_id:
-            raise ValueError("run_id must be a non-empty string that identifies the run")
+            raise StoreError("run_id must be a non-empty string that identifies the run")
         if not targets or len(set(targets)) != len(targets):
-            raise ValueError(f"targets must be a non-empty list of distinct names, got {targets!r}")
+            raise StoreError(f"targets must be a non-empty list of distinct names, got {targets!r}")
         if int(num_samples) <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
+            raise StoreError(f"num_samples must be positive, got {num_samples}")
         if int(slots_per_rank) <= 0:
-            raise ValueError(f"slots_per_rank must be positive, got {slots_per_rank}")
+            raise StoreError(f"slots_per_rank must be positive, got {slots_per_rank}")
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+            raise StoreError(f"rank {self.rank} is outside world_size {self.world_size}")
         if self.world_size > 1 and barrier is None:
-            raise ValueError("world_size > 1 needs barrier= (e.g. torch.distributed.barrier): rank 0 "
+            raise StoreError("world_size > 1 needs barrier= (e.g. torch.distributed.barrier): rank 0 "
                              "creates the store and the others must wait for it")
         if int(max_steps) <= 0 or (steps_per_chunk is not None and int(steps_per_chunk) <= 0):
-            raise ValueError("max_steps and steps_per_chunk must be positive")
+            raise StoreError("max_steps and steps_per_chunk must be positive")
 
     def _prepare_store(self, identity: dict, metadata: dict, compressor, totals_compressor,
                        overwrite: bool):
@@ -170,7 +182,7 @@ class ScoreWriter:
             if p.is_dir() and any(p.iterdir()) and not (
                 (p / "zarr.json").exists() or (p / "score").exists()
             ):
-                raise ValueError(f"refusing to overwrite {self.path!r}: it is a non-empty directory "
+                raise StoreError(f"refusing to overwrite {self.path!r}: it is a non-empty directory "
                                  "that does not look like a score store")
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         if p.exists():
@@ -212,16 +224,16 @@ class ScoreWriter:
                 else have == want
             if not same:
                 what = "config differs" if key == "config" else f"{key} is {have!r}, this writer has {want!r}"
-                raise ValueError(f"store {self.path!r} belongs to another run or layout ({what}).{fix}")
+                raise StoreMismatchError(f"store {self.path!r} belongs to another run or layout ({what}).{fix}")
 
     # ------------------------------------------------------------------ resume
     def _resume(self, t: int):
         """Make steps >= t of this rank absent on disk so that they are rewritten, never counted twice."""
         if self._last_step is not None:
-            raise RuntimeError("resume (resume_step / load_state_dict) must come before the first "
+            raise StoreError("resume (resume_step / load_state_dict) must come before the first "
                                "write_step of this writer")
         if not 0 <= t <= self.layout.max_steps:
-            raise ValueError(f"resume step {t} outside [0, max_steps={self.layout.max_steps}]")
+            raise StoreError(f"resume step {t} outside [0, max_steps={self.layout.max_steps}]")
         if self._committed < t - 1 and self._committed >= 0:
             warnings.warn(f"rank {self.rank}: the store holds steps only through {self._committed} "
                           f"but the run resumes at {t}; steps {self._committed + 1}..{t - 1} of this "
@@ -261,9 +273,9 @@ class ScoreWriter:
     def load_state_dict(self, sd: dict):
         """Resume at sd['next_step'] (steps >= it are rewritten); call before the first write_step."""
         if sd.get("run_id") != self.run_id:
-            raise ValueError(f"state_dict is of run {sd.get('run_id')!r}, this writer is {self.run_id!r}")
+            raise StoreError(f"state_dict is of run {sd.get('run_id')!r}, this writer is {self.run_id!r}")
         if sd.get("world_size", self.world_size) != self.world_size:
-            raise ValueError("state_dict was saved with another world_size; the store layout "
+            raise StoreError("state_dict was saved with another world_size; the store layout "
                              "depends on it")
         self._resume(int(sd["next_step"]))
 
@@ -276,43 +288,43 @@ class ScoreWriter:
         L = self.layout
         ids = _numpy(sample_ids)
         if ids.ndim != 1:
-            raise ValueError(f"sample_ids must be 1-D, got shape {ids.shape}")
+            raise StoreError(f"sample_ids must be 1-D, got shape {ids.shape}")
         if ids.size and ids.dtype.kind not in "iu":
-            raise ValueError(f"sample_ids must be integers, got dtype {ids.dtype}")
+            raise StoreError(f"sample_ids must be integers, got dtype {ids.dtype}")
         ids = ids.astype(np.int64, copy=False)
         b = ids.size
         sc = _numpy(scores, np.float32)
         if sc.ndim == 1 and L.num_targets == 1:
             sc = sc[:, None]
         if sc.shape != (b, L.num_targets):
-            raise ValueError(f"scores must have shape [len(sample_ids), K] = [{b}, {L.num_targets}] "
+            raise StoreError(f"scores must have shape [len(sample_ids), K] = [{b}, {L.num_targets}] "
                              f"(targets {self.targets}), got {tuple(sc.shape)}")
         sl = None if sample_loss is None else _numpy(sample_loss, np.float32)
         if sl is not None and sl.shape != (b,):
-            raise ValueError(f"sample_loss must have shape [{b}], got {tuple(sl.shape)}")
+            raise StoreError(f"sample_loss must have shape [{b}], got {tuple(sl.shape)}")
         tl = None if target_losses is None else _numpy(target_losses, np.float64).reshape(-1)
         if tl is not None and tl.size != L.num_targets:
-            raise ValueError(f"target_losses must have {L.num_targets} values, got {tl.size}")
+            raise StoreError(f"target_losses must have {L.num_targets} values, got {tl.size}")
         if b > L.slots_per_rank:
-            raise ValueError(f"step {step}: {b} samples on rank {self.rank} but slots_per_rank is "
+            raise StoreError(f"step {step}: {b} samples on rank {self.rank} but slots_per_rank is "
                              f"{L.slots_per_rank}; create the store with slots_per_rank >= the local "
                              "batch (all micro-batches of one optimizer step)")
         if b and (ids.min() < 0 or ids.max() >= L.num_samples):
             bad = ids[(ids < 0) | (ids >= L.num_samples)]
-            raise ValueError(f"step {step}: sample ids {bad[:5].tolist()} outside [0, num_samples="
+            raise StoreError(f"step {step}: sample ids {bad[:5].tolist()} outside [0, num_samples="
                              f"{L.num_samples}); ids must index the dataset")
         if b > 1:
             s = np.sort(ids)
             dup = s[1:][s[1:] == s[:-1]]
             if dup.size:
-                raise ValueError(f"step {step}: sample ids {np.unique(dup)[:5].tolist()} occur more "
+                raise StoreError(f"step {step}: sample ids {np.unique(dup)[:5].tolist()} occur more "
                                  "than once on this rank; merge their scores before writing")
         nxt = 0 if self._last_step is None else self._last_step + 1
         if step < nxt and self._last_step is not None:
-            raise ValueError(f"step {step} written after step {self._last_step}: steps must "
+            raise StoreError(f"step {step} written after step {self._last_step}: steps must "
                              "increase; to rewrite a step, resume with resume_step")
         if not 0 <= step < L.max_steps:
-            raise ValueError(f"step {step} outside [0, max_steps={L.max_steps}); create the store "
+            raise StoreError(f"step {step} outside [0, max_steps={L.max_steps}); create the store "
                              "with a larger max_steps")
 
         # Valid: from here on nothing raises for this step's data.
@@ -336,20 +348,63 @@ class ScoreWriter:
             A["residual"][i], A["wall_time"][i] = residual, wall_time
             A["target_loss"][i] = np.nan if tl is None else tl
         self._buf.dirty = True
-        self._last_step = step
+        self._before_last, self._last_step = self._last_step, step
 
-    def flush(self) -> int:
-        """Write everything buffered, wait for the disk, record and return this rank's last durable step."""
+    def retract(self, step: int):
+        """Forget `step`, the last step given to write_step, while it is still buffered (its optimizer step
+        failed after the scores were buffered): the store ends as if it had never been written."""
+        c = self.layout.steps_per_chunk
+        if step != self._last_step or self._buf is None or self._buf.row != step // c:
+            raise StoreError(f"retract({step}): only the last written step ({self._last_step}) can be retracted, "
+                             "before it is flushed")
+        i = step - self._buf.row * c
+        for name, buf in self._buf.arrays.items():
+            buf[i] = FILL[name]
+        self._last_step = self._before_last
+
+    def check_healthy(self):
+        """Raise StoreWriteError if the writer thread failed, StoreClosedError after close()."""
+        self._check_open()
+
+    def flush(self, durable: bool = False) -> int:
+        """Write everything buffered, wait for the disk, record and return this rank's last committed step.
+
+        `durable=True` (at training checkpoints): also fsync every file of the store written since the last
+        durable flush, before and after the committed marker, so that a power loss cannot leave a committed
+        step whose chunks were still in the page cache."""
         self._check_open()
         if self._buf is not None and self._buf.dirty:
             self._submit(self._buf.copy())  # the step rows keep filling the original
             self._buf.dirty = False
         self._queue.join()
         self._raise_thread_error()
-        if self._last_step is not None and self._last_step != self._committed:
+        moved = self._last_step is not None and self._last_step != self._committed
+        if durable:
+            self._fsync_since(self._durable_mark)  # the chunks first ...
+        if moved:
             self._arrays[COMMITTED][self.rank:self.rank + 1] = np.array([self._last_step])
             self._committed = self._last_step
+        if durable:
+            self._durable_mark = self._fsync_since(self._durable_mark)  # ... then the marker
         return self._committed
+
+    def _fsync_since(self, mark: float) -> float:
+        """fsync the store's files modified at or after `mark` (an mtime), and their folders; returns the
+        time the scan started (the next mark)."""
+        start = time.time()
+        try:
+            for folder, _, files in os.walk(self.path):
+                synced = False
+                for name in files:
+                    path = os.path.join(folder, name)
+                    if os.stat(path).st_mtime >= mark:
+                        _fsync(path)
+                        synced = True
+                if synced:
+                    _fsync(folder, directory=True)  # the entries of new files
+        except OSError as err:
+            raise StoreWriteError(f"fsync of the store {self.path!r} failed: {err}") from err
+        return start
 
     def close(self):
         """Flush, stop the writer thread and (by default) rebuild the totals with all ranks."""
@@ -414,9 +469,10 @@ class ScoreWriter:
 
     def _raise_thread_error(self):
         if self._error is not None:
-            raise RuntimeError(f"the store writer thread failed: {self._error!r}") from self._error
+            raise StoreWriteError(f"the store writer thread failed: {self._error!r}; every step committed before "
+                                  "it is intact (resume from the last checkpoint)") from self._error
 
     def _check_open(self):
         if self._closed:
-            raise RuntimeError("the ScoreWriter is closed")
+            raise StoreClosedError("the ScoreWriter is closed")
         self._raise_thread_error()

@@ -1,0 +1,237 @@
+"""`Backend`: everything the Attributor needs from the engine that trains the model.
+
+A backend knows which elements of every parameter this rank owns (`shards`), how the engine clips,
+how to take target gradients without touching `.grad`, how to move parameters to the midpoint and
+back (`shifted`), and how to talk to the other ranks. Every collective shardshap issues goes through
+the methods of the "communication" section, on a named process group and on the group's device
+(CUDA under NCCL), so that adding a backend never means finding raw `torch.distributed` calls.
+
+Process groups:
+- `dp_group` / `dp_size` / `dp_rank`: the data-parallel group, whose ranks see different samples.
+  Each sample's share of the gradient is 1/dp_size of its local contribution (the engines average).
+- `mp_group`: the model-parallel group (tensor/sequence parallel), whose ranks see the same samples and
+  hold parts of each layer. None: no model parallelism (the only layout supported today).
+A backend with a process group takes the collective code paths even when the group has one rank, so
+that a one-GPU NCCL run exercises them; only the single-process backend (no group) skips them.
+
+Every method that communicates is called by every rank of the group in the same order.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import UnsupportedEngine
+
+
+@dataclass
+class OwnedSlice:
+    """The elements of one optimizer parameter that this rank owns, as flat (1-D) views.
+
+    Local and DDP training own every element; FSDP2 and ZeRO own a contiguous range of the flattened
+    parameter. The estimators' math is coordinate-wise, so it runs on these views unchanged.
+    """
+    param: nn.Parameter   # the registered parameter (the key of the attribution plan)
+    value: torch.Tensor   # writable view of the owned elements (the values the optimizer updates)
+    grad: torch.Tensor    # the owned elements of the gradient the optimizer receives
+    state: dict           # optimizer state of the owned elements (tensors flat; scalars as they are)
+    group: dict           # the parameter group's hyperparameters
+    start: int = 0        # offset of the owned range in param.flatten()
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+class Backend(ABC):
+    """The contract every training engine implements (see the module docstring).
+
+    Capability flags:
+    - `partitioned`: gradients and optimizer state are split across the data-parallel ranks, so partial
+      results computed on owned elements must be summed over the group (`reduce_partial`).
+    - `owns_backward`: only the engine may run backward, clipping and the optimizer step; the
+      low-level `record`/`attribute` API cannot drive it.
+    - `supports_hvp`: target gradients can be differentiated twice (curvature='hvp').
+    """
+
+    partitioned: bool = False
+    owns_backward: bool = False
+    supports_hvp: bool = False
+
+    def __init__(self, model: nn.Module, module: nn.Module, dp_group: Optional[dist.ProcessGroup] = None):
+        self.model, self.module = model, module
+        self.distributed = dp_group is not None
+        self.dp_group = dp_group
+        self.dp_size = dist.get_world_size(dp_group) if self.distributed else 1
+        self.dp_rank = dist.get_rank(dp_group) if self.distributed else 0
+        self.mp_group: Optional[dist.ProcessGroup] = None
+        self.comm_device = _communication_device(dp_group) if self.distributed else torch.device("cpu")
+        self.bytes_sent = 0  # payload of shardshap's own collectives on this rank (reported per step)
+        self.collective_log: Optional[list] = None  # set to [] to record (op, shape, dtype) of each collective
+
+    # ---------------------------------------------------------------- training (engine defaults: torch)
+    def resolve_optimizer(self, optimizer):
+        """The optimizer that steps (DeepSpeed: taken from the engine when None is passed)."""
+        if optimizer is None:
+            raise UnsupportedEngine("pass the torch optimizer that trains the model (None is only for DeepSpeed "
+                                    "engines, which own theirs)")
+        return optimizer
+
+    def update_rule(self, optimizer):
+        """The optimizer's coordinate-wise update rule (shardshap.optim)."""
+        from ..optim import rule_for
+        return rule_for(optimizer)
+
+    def trainable(self, optimizer) -> set[int]:
+        """ids of the model parameters the optimizer updates."""
+        return {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+    def zero_grad(self, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def after_micro_batch(self, last: bool) -> None:
+        """Called after each micro-batch's backward (DeepSpeed counts micro-steps here)."""
+
+    def optimizer_step(self, optimizer) -> None:
+        optimizer.step()
+
+    def no_sync(self, last_micro_batch: bool):
+        """A context that skips the engine's gradient synchronisation on all but the last micro-batch."""
+        return nullcontext()
+
+    # ---------------------------------------------------------------- parameters
+    @abstractmethod
+    def shards(self, optimizer) -> dict[int, OwnedSlice]:
+        """id(param) -> OwnedSlice, for every optimizer parameter that has a gradient this step. Across the
+        data-parallel ranks the owned ranges of a parameter cover each of its elements exactly once."""
+
+    @abstractmethod
+    def clip(self, shards: dict[int, OwnedSlice], max_norm: Optional[float]) -> float:
+        """Scale the owned gradients by the factor the engine's own clipping applies this step (the
+        engine's norm, its formula); return the factor (1.0 when max_norm is None)."""
+
+    @abstractmethod
+    def target_gradients(self, evaluate, params: list[nn.Parameter], dtype, split: bool = False
+                         ) -> tuple[list, torch.Tensor]:
+        """Gradients of each target loss, [K, owned numel] per parameter (None where no target depends on
+        it), and the losses [K]. `evaluate()` runs the target forward; `.grad` is left untouched. `split`:
+        each rank evaluated its share of the targets, so gradients and losses are averaged over ranks."""
+
+    @abstractmethod
+    def gather(self, shard: OwnedSlice, owned: torch.Tensor) -> torch.Tensor:
+        """[K, owned numel] -> [K, *param full shape], the same on every rank."""
+
+    def owned(self, shard: OwnedSlice, full: torch.Tensor, lead: int = 0) -> torch.Tensor:
+        """The owned elements of a full-shape tensor (flat), as a view; `lead` leading dimensions (e.g. the
+        K targets of W [K, *shape]) are kept."""
+        return full.reshape(*full.shape[:lead], -1).narrow(-1, shard.start, shard.value.numel())
+
+    def full_shape(self, param: nn.Parameter) -> torch.Size:
+        """The parameter's real shape (ZeRO-3 leaves an empty placeholder in param.shape)."""
+        return param.shape
+
+    @contextmanager
+    def shifted(self, shards: dict[int, OwnedSlice], shifts: Optional[dict[int, torch.Tensor]]) -> Iterator[None]:
+        """Inside the block the model computes at theta + shift (per owned element); on exit every value is
+        restored bit-exactly, also on error. `shifts=None`: the parameters as they are."""
+        if shifts is None:
+            yield
+            return
+        saved = {pid: sh.value.clone() for pid, sh in shards.items()}
+        try:
+            with torch.no_grad():
+                for pid, sh in shards.items():
+                    sh.value.add_(shifts[pid].to(sh.value.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for pid, sh in shards.items():
+                    sh.value.copy_(saved[pid])
+
+    # ---------------------------------------------------------------- communication
+    def _run(self, name: str, tensor: torch.Tensor, collective) -> torch.Tensor:
+        """Run `collective(t)` on `tensor` moved to the communication device, and count what it sends."""
+        if self.collective_log is not None:
+            self.collective_log.append((name, tuple(tensor.shape), str(tensor.dtype)))
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        if tensor.device == self.comm_device:
+            return collective(tensor)
+        moved = tensor.to(self.comm_device)
+        out = collective(moved)
+        return out.to(tensor.device) if torch.is_tensor(out) else [o.to(tensor.device) for o in out]
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce over the data-parallel group ('sum' or 'max'); returns the result (in `tensor` itself
+        when it already lives on the communication device)."""
+        if not self.distributed:
+            return tensor
+
+        def reduce(t):
+            dist.all_reduce(t, op=_REDUCE_OPS[op], group=self.dp_group)
+            return t
+        out = self._run(f"all_reduce_{op}", tensor, reduce)
+        if out is not tensor:
+            tensor.copy_(out)
+        return tensor
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.all_reduce(tensor, "sum")
+
+    def reduce_partial(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum partial results computed on owned elements (a no-op where every rank owns everything)."""
+        return self.all_reduce_sum(tensor) if self.partitioned else tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every data-parallel rank's `tensor` (same shape on every rank), in rank order."""
+        if not self.distributed:
+            return [tensor]
+
+        def gather(t):
+            parts = [torch.empty_like(t) for _ in range(self.dp_size)]
+            dist.all_gather(parts, t.contiguous(), group=self.dp_group)
+            return parts
+        return self._run("all_gather", tensor, gather)
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """`tensor` of data-parallel rank `src` on every rank (in place)."""
+        if not self.distributed:
+            return tensor
+
+        def send(t):
+            dist.broadcast(t, src=dist.get_global_rank(self.dp_group, src), group=self.dp_group)
+            return t
+        out = self._run("broadcast", tensor, send)
+        if out is not tensor:
+            tensor.copy_(out)
+        return tensor
+
+    def all_gather_object(self, obj) -> list:
+        """Every data-parallel rank's picklable `obj` (setup only, never per step)."""
+        if not self.distributed:
+            return [obj]
+        if self.collective_log is not None:
+            self.collective_log.append(("all_gather_object", (), type(obj).__name__))
+        out = [None] * self.dp_size
+        dist.all_gather_object(out, obj, group=self.dp_group)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            if self.collective_log is not None:
+                self.collective_log.append(("barrier", (), ""))
+            dist.barrier(group=self.dp_group)
+
+
+def _communication_device(group) -> torch.device:
+    """NCCL groups take CUDA tensors only; every other backend here (gloo, mpi) takes CPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,71 @@
+"""Checks of a step's input and of its products; each raises AttributionError before the optimizer steps."""
+from __future__ import annotations
+
+import torch
+
+from .errors import AttributionError
+
+
+def check_loss(per_sample, b: int, j: int) -> None:
+    """train_loss returned one finite, differentiable loss per sample of micro-batch j (b samples)."""
+    if not torch.is_tensor(per_sample):
+        raise AttributionError(f"train_loss must return a Tensor of per-sample losses, got "
+                               f"{type(per_sample).__name__}")
+    if per_sample.shape != (b,):
+        raise AttributionError(
+            f"train_loss returned shape {tuple(per_sample.shape)} for micro-batch {j}, but its sample_ids "
+            f"has {b} ids: it must return one loss per sample, shape [{b}] (e.g. a loss with "
+            "reduction='none', averaged over each sample's tokens), and sample_ids must match the batch")
+    if not per_sample.requires_grad:
+        raise AttributionError(f"train_loss returned a tensor without a graph for micro-batch {j} (computed "
+                               "under torch.no_grad(), or detached): compute it from the model's forward with "
+                               "gradients enabled")
+    if not torch.isfinite(per_sample.detach()).all():
+        bad = (~torch.isfinite(per_sample.detach())).nonzero().flatten().tolist()
+        raise AttributionError(f"train_loss is not finite for samples at positions {bad[:10]} of micro-batch "
+                               f"{j}; the optimizer step was not taken")
+
+
+def check_ids(ids: torch.Tensor, num_samples: int) -> None:
+    """The store's id rules, checked before training so that a bad step changes nothing."""
+    bad = ids[(ids < 0) | (ids >= num_samples)]
+    if len(bad):
+        raise AttributionError(f"sample ids {bad[:5].tolist()} are outside [0, num_samples={num_samples}): ids "
+                               "must index the training set (set Config(num_samples=...) to its size)")
+    if len(torch.unique(ids)) != len(ids):
+        raise AttributionError("sample_ids has duplicates within one optimizer step; each sample of a step "
+                               "needs its own id (the store keeps one slot per sample and step)")
+
+
+def check_completeness(backend, plan, per_param, W, owned, shards, clip, dtype, low_precision_cache: bool) -> None:
+    """The per-sample products of each parameter add up to <batch gradient, W> (over all ranks).
+
+    `W`: the full vectors the products used (low rank may have replaced them), or None when they were
+    gathered on demand, in which case the owned elements `owned` are exactly them."""
+    names = [n for n, p in plan.params.items() if id(p) in shards]
+    # [params, 2, K]: per-sample sums and sums of magnitudes, added over ranks in one collective
+    sums = backend.all_reduce_sum(torch.stack(
+        [torch.stack([per_param[n].sum(0), per_param[n].abs().sum(0)]) for n in names]))
+
+    def expected(p):  # [2, K]: <batch gradient, W> on owned elements, and its rounding scale
+        w = owned[id(p)] if W is None else backend.owned(shards[id(p)], W[id(p)], lead=1)  # a view
+        g = shards[id(p)].grad.to(dtype)
+        # a bf16/fp16 batch gradient is rounded per coordinate: where <g, W> cancels across coordinates
+        # its error scales with sum_j |g_j W_j|, not with the per-sample magnitudes
+        low = p.dtype not in (torch.float32, torch.float64)
+        rounding = torch.linalg.vecdot(w.abs(), g.abs()) if low else torch.zeros(w.shape[0], dtype=w.dtype,
+                                                                                  device=w.device)
+        return torch.stack([torch.linalg.vecdot(w, g), rounding]) / clip
+    exp_and_rounding = backend.reduce_partial(torch.stack([expected(plan.params[n]) for n in names]))
+    (ghost, magnitude), (exp, rounding) = sums.unbind(1), exp_and_rounding.unbind(1)  # each [params, K]
+    # the batch gradient is accumulated in the parameter's dtype: bf16/fp16 round far more
+    floor = 2e-2 if low_precision_cache else 0.0  # products rounded to bf16
+    tol = [max(floor, {torch.float64: 1e-8, torch.float32: 1e-3}.get(plan.params[n].dtype, 5e-2)) for n in names]
+    rel = ((ghost - exp).abs() / (magnitude + exp.abs() + rounding + 1e-30)).amax(1).tolist()  # one host sync
+    bad = [f"{name} (relative mismatch {r:.2e})" for name, r, t in zip(names, rel, tol) if r > t]
+    if bad:
+        raise AttributionError(
+            "per-sample products do not add up to the batch gradient for: " + ", ".join(bad) + ". The "
+            "parameter is probably used outside the module that owns it (a functional call such as "
+            "F.linear(x, module.weight)) or broadcast across the batch. Exclude it with Config(exclude=[...]) "
+            "or route its use through its module; the optimizer step was not taken.")

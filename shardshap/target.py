@@ -1,0 +1,70 @@
+"""The target pass: gradients h_k of every target loss, where the estimator says to take them."""
+from __future__ import annotations
+
+import torch
+
+from .errors import AttributionError
+
+
+def evaluate_targets(target_loss, module, targets, config, device: torch.device) -> torch.Tensor:
+    """target_loss(module, targets) as a [K] tensor, validated; under bf16 autocast with Config.target_dtype."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.target_dtype is not None):
+        value = target_loss(module, targets)
+    if not torch.is_tensor(value) or value.dim() > 1 or value.numel() == 0:
+        raise AttributionError(
+            "target_loss must return a 0-d tensor (one target) or a 1-d tensor [K] (one loss per "
+            f"target), got {type(value).__name__}"
+            f"{' of shape %s' % (tuple(value.shape),) if torch.is_tensor(value) else ''}")
+    if not value.requires_grad:
+        raise AttributionError("target_loss returned a tensor without a graph (computed under torch.no_grad() "
+                               "or detached): shardshap differentiates it; compute it from the model's "
+                               "forward with gradients enabled")
+    value = value.reshape(-1)
+    if not torch.isfinite(value.detach()).all():
+        raise AttributionError(f"target_loss is not finite ({value.detach().tolist()}); the "
+                               "optimizer step was not taken")
+    if config.target_names is not None and len(config.target_names) != value.numel():
+        raise AttributionError(f"target_loss returned {value.numel()} targets but "
+                               f"Config.target_names names {len(config.target_names)}")
+    return value
+
+
+def target_gradients(backend, evaluate, attributed, shards, frozen, config, dtype):
+    """([K, owned numel] per attributed parameter, or None where no target depends on it), losses [K].
+
+    Order 2 with curvature='midpoint' takes them at theta_t + shift (restored bit-exactly afterwards);
+    curvature='hvp' adds an exact Hessian-vector product to the gradient at theta_t."""
+    use_hvp = config.order == 2 and config.curvature == "hvp"
+    shifts = {pid: f.shift for pid, f in frozen.items()} if config.order == 2 and not use_hvp else None
+    devices = sorted({p.device.index for p in attributed if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):  # the target pass must not shift training's RNG
+        if use_hvp:
+            h, value = hvp_gradients(backend, evaluate, attributed, shards, frozen, dtype)
+        else:
+            with backend.shifted(shards, shifts):
+                h, value = backend.target_gradients(evaluate, attributed, dtype,
+                                                    split=config.target_sharding == "split")
+    return h, value.to(dtype)
+
+
+def hvp_gradients(backend, evaluate, attributed, shards, frozen, dtype):
+    """h + H (theta_mid - theta_t) per target: the exact second-order Taylor form of the midpoint
+    gradient, by double backward (unsharded parameters only)."""
+    if not backend.supports_hvp:
+        raise AttributionError("curvature='hvp' needs unsharded parameters; use curvature='midpoint' "
+                               "with FSDP2 or DeepSpeed")
+    value = evaluate()
+    moved = [sh.param for sh in shards.values()]
+    grads = [[] for _ in attributed]
+    for k in range(value.numel()):
+        gk = torch.autograd.grad(value[k], attributed, retain_graph=True, allow_unused=True, create_graph=True)
+        full = torch.autograd.grad(value[k], moved, retain_graph=True, allow_unused=True, create_graph=True)
+        dot = sum((g * frozen[id(p)].shift.view_as(g).to(g.dtype)).sum()
+                  for g, p in zip(full, moved) if g is not None)
+        hv = (torch.autograd.grad(dot, attributed, retain_graph=True, allow_unused=True)
+              if torch.is_tensor(dot) and dot.requires_grad else [None] * len(attributed))
+        for acc, g, v, p in zip(grads, gk, hv, attributed):
+            total = g if v is None else (v if g is None else g + v)
+            acc.append(torch.zeros_like(p, dtype=dtype).reshape(-1) if total is None
+                       else total.detach().to(dtype).reshape(-1))
+    return [torch.stack(g) for g in grads], value.detach()

@@ -5,13 +5,11 @@ game (all 2^|B| subsets, the real torch optimizer), float64, on the test cases.
 """
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-import cases  # noqa: E402
+from shardshap.testing import cases  # noqa: E402
 from shardshap.verify import compare_estimators  # noqa: E402
 
 CASES = {"MLP / digits (B=10)": lambda: cases.digits_mlp(batch_size=10),

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-import cases
+from shardshap.testing import cases
 import shardshap
-from test_training_unchanged import assert_same
+from shardshap.testing.references import assert_same
 
 
 def tokens_mean_loss(case, model, batch):

@@ -1,9 +1,9 @@
-"""One rank of a synthetic training run that streams scores to a store (launched by test_store.py).
+"""One rank of a synthetic training run that streams scores to a store (launched by tests/unit/store/test_store.py).
 
 The data of every (rank, step) comes from `step_data`, a pure function of its arguments, so the
 test can compute the expected totals with plain numpy without reading the store.
 
-    python store_worker.py PATH --rank R --world W --init tcp://127.0.0.1:PORT [--barrier torch|mpi]
+    python tests/dist/workers/store.py PATH --rank R --world W --init tcp://127.0.0.1:PORT [--barrier torch|mpi]
         [--steps S] [--flush-every F] [--die-at D] [--resume-step T] [--resume-via state]
 """
 
@@ -13,37 +13,10 @@ import argparse
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-N, K, SPR, STEPS_PER_CHUNK = 500, 3, 6, 4
-TARGETS = ["val", "code", "math"]
-CONFIG = {"estimator": "secant", "order": 2, "lr": 1e-3}
-
-
-def step_data(rank: int, step: int, seed: int = 0):
-    """Ids (distinct within the rank's step; some slots unused), scores [b, K], per-sample loss."""
-    rng = np.random.default_rng([seed, rank, step])
-    b = int(rng.integers(1, SPR + 1))
-    ids = rng.choice(N, size=b, replace=False).astype(np.int64)
-    scores = rng.standard_normal((b, K)).astype(np.float32)
-    loss = rng.random(b).astype(np.float32)
-    return ids, scores, loss
-
-
-def expected_totals(world: int, steps: int, seed: int = 0):
-    """numpy sums of every score each sample received: the reference for the store's totals."""
-    value = np.zeros((N, K), np.float64)
-    count = np.zeros(N, np.int64)
-    for r in range(world):
-        for t in range(steps):
-            ids, sc, _ = step_data(r, t, seed)
-            np.add.at(value, ids, sc.astype(np.float64))
-            np.add.at(count, ids, 1)
-    return value, count
+from helpers.store_data import CONFIG, SPR, STEPS_PER_CHUNK, TARGETS, N, step_data
 
 
 def make_barrier(kind: str, rank: int, world: int, init: str):
@@ -59,7 +32,7 @@ def make_barrier(kind: str, rank: int, world: int, init: str):
         import gc
 
         dist.barrier()
-        gc.collect()  # infra notes 2: avoids the gloo exit race
+        gc.collect()  # lets gloo's threads finish before the interpreter tears down
         dist.destroy_process_group()
 
     return dist.barrier, shutdown
@@ -82,7 +55,6 @@ def main():
     if a.barrier == "mpi":
         a.rank, a.world = int(os.environ["PMI_RANK"]), int(os.environ["PMI_SIZE"])
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from shardshap.store import ScoreWriter
 
     barrier, shutdown = make_barrier(a.barrier, a.rank, a.world, a.init)

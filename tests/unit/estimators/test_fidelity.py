@@ -5,7 +5,7 @@ by `python benchmarks/fidelity.py`)."""
 import pytest
 import torch
 
-import cases
+from shardshap.testing import cases
 from shardshap.verify import compare_estimators
 
 WARM = 10

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import cases
+from shardshap.testing import cases
 import shardshap
 from shardshap import cli
 from shardshap.analysis import auroc

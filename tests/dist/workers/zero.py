@@ -1,6 +1,6 @@
-"""One rank of the DeepSpeed tests (launched by tests/test_deepspeed.py with torchrun or mpiexec).
+"""One rank of the DeepSpeed tests (launched by tests/dist/test_deepspeed.py with torchrun or mpiexec).
 
-For each requested ZeRO configuration it trains the tiny GPT-2 of tests/cases.py twice in this process:
+For each requested ZeRO configuration it trains the tiny GPT-2 of shardshap/testing/cases.py twice in this process:
 with shardshap.Attributor(ds_engine, None, ...) and plain (engine.backward / engine.step only), on the same
 global batches, and writes per-sample values, the full fp32 master parameters and Adam moments to
 <out>.<config>.rank<r>.npz (attributed) and <out>.<config>-plain.rank<r>.npz.
@@ -8,7 +8,6 @@ global batches, and writes per-sample values, the full fp32 master parameters an
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -16,33 +15,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cases  # noqa: E402
-from dist_worker import GLOBAL_BATCH, MICRO, local_micro_batches  # noqa: E402  (the DDP/FSDP2 split)
 import shardshap  # noqa: E402
+from shardshap.testing import cases  # noqa: E402
+from helpers.distributed import GLOBAL_BATCH, MICRO, STEPS, local_micro_batches  # noqa: E402
+from helpers.zero_configs import CLIP, CONFIGS, LR, PRESET, plain_twin  # noqa: E402
 from shardshap.backends import init_distributed, shutdown  # noqa: E402
-
-STEPS, LR, CLIP = 4, 3e-3, 0.5  # the gradient norm is ~0.8: clipped
-CONFIGS = {  # name -> zero_optimization section
-    "z1": {"stage": 1},
-    "z2": {"stage": 2},
-    "z3": {"stage": 3, "stage3_param_persistence_threshold": 0},
-    "z3-persist": {"stage": 3},  # default threshold: the tiny model's parameters all stay persistent
-    # failed steps first (wrong micro-batch count, conflicting clip setting), then the normal run: the
-    # failures must leave DeepSpeed's accumulation state clean (values and training as z2 / z3)
-    "z2-recover": {"stage": 2},
-    "z3-recover": {"stage": 3, "stage3_param_persistence_threshold": 0},
-    "z2-fused": {"stage": 2},  # DeepSpeed's FusedAdam (torch_adam false) instead of torch AdamW
-    "z3-fast": {"stage": 3, "stage3_param_persistence_threshold": 0},  # Config(preset="fast")
-}
-PRESET = {"z3-fast": "fast"}  # configurations attributed with a preset (the others: the default Config)
-
-
-def plain_twin(config: str) -> str:
-    """The configuration whose plain DeepSpeed run this one's training must equal."""
-    return config.removesuffix("-recover").removesuffix("-fast")
-
 
 def ds_config(zero: dict, world: int, torch_adam: bool = True) -> dict:
     return {

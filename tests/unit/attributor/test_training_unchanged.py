@@ -6,22 +6,10 @@ import copy
 import pytest
 import torch
 
-import cases
+from shardshap.testing import cases
+from shardshap.testing.references import assert_same, plain_step
 import shardshap
 from shardshap.estimators import ESTIMATORS
-
-
-def plain_step(model, opt, train_loss, micro, clip):
-    opt.zero_grad()
-    if len(micro) == 1:
-        train_loss(model, micro[0]).mean().backward()
-    else:
-        n = sum(mb[0].shape[0] for mb in micro)
-        for mb in micro:
-            (train_loss(model, mb).sum() / n).backward()
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
 
 
 def split(batch, ids, parts):
@@ -29,16 +17,6 @@ def split(batch, ids, parts):
         return batch, ids, [batch]
     xs = [tuple(t.chunk(parts)[j] for t in batch) for j in range(parts)]  # a list: micro-batches
     return xs, list(ids.chunk(parts)), xs
-
-
-def assert_same(m1, o1, m2, o2):
-    for (n, p), q in zip(m1.named_parameters(), m2.parameters()):
-        assert torch.equal(p, q), f"parameter {n} differs by {(p - q).abs().max().item():.3e}"
-    for p, q in zip(m1.parameters(), m2.parameters()):
-        s1, s2 = o1.state.get(p, {}), o2.state.get(q, {})
-        assert s1.keys() == s2.keys()
-        for k in s1:
-            assert torch.equal(torch.as_tensor(s1[k]), torch.as_tensor(s2[k])), f"optimizer state {k} differs"
 
 
 VARIANTS = [dict(estimator=e, order=o) for e in ESTIMATORS for o in (1, 2)] + [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import cases
+from shardshap.testing import cases
 import shardshap
 from shardshap.store import open_scores
 

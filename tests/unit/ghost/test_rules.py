@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import cases
+from shardshap.testing import cases
 from shardshap.ghost import Capture, UnsupportedModule, plan
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import cases
+from shardshap.testing import cases
 import shardshap
 from shardshap import AttributionError, Config, ConfigError, UnsupportedModule, UnsupportedOptimizer
 

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-import cases
+from shardshap.testing import cases
 import shardshap
 from shardshap import oracle
 

@@ -1,29 +1,16 @@
-"""One rank of a distributed attribution run (launched by tests/test_distributed.py with torchrun or
+"""One rank of a distributed attribution run (launched by tests/dist/test_ddp_fsdp.py with torchrun or
 mpiexec). Writes its per-sample values and the final parameters to an .npz file per rank."""
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-import cases  # noqa: E402
 import shardshap  # noqa: E402
+from shardshap.testing import cases  # noqa: E402
+from helpers.distributed import GLOBAL_BATCH, MICRO, STEPS, local_micro_batches  # noqa: E402
 from shardshap.backends import init_distributed, shutdown  # noqa: E402
-
-STEPS, GLOBAL_BATCH, MICRO = 4, 8, 2
-
-
-def local_micro_batches(case, step, rank, world):
-    """This rank's share of the global batch of `step`, as MICRO micro-batches."""
-    (ids_, mask), sample_ids = case.batches(step)
-    per_rank = GLOBAL_BATCH // world
-    sl = slice(rank * per_rank, (rank + 1) * per_rank)
-    ids_, mask, sample_ids = ids_[sl], mask[sl], sample_ids[sl]
-    chunks = lambda t: list(t.chunk(MICRO))
-    return [tuple(x) for x in zip(chunks(ids_), chunks(mask))], chunks(sample_ids)
 
 
 def main():

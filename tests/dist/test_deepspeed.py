@@ -2,67 +2,35 @@
 the same global batches, the trained parameters equal it to float rounding, and training is bit-identical to
 the same DeepSpeed run without attribution. One torchrun runs every configuration (DeepSpeed start-up is the
 slow part); one mpiexec run checks the MPI bootstrap."""
-import functools
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("deepspeed")
 
-import cases  # noqa: E402
-import shardshap  # noqa: E402
-from ds_worker import CLIP, CONFIGS, GLOBAL_BATCH, LR, PRESET, STEPS, local_micro_batches, plain_twin  # noqa: E402
+from helpers.distributed import BIN, GLOBAL_BATCH, STEPS, TESTS, launch, single_process_reference, torchrun  # noqa: E402
+from helpers.zero_configs import CLIP, CONFIGS, PRESET, plain_twin  # noqa: E402
 
-WORKER = os.path.join(os.path.dirname(__file__), "ds_worker.py")
-BIN = os.path.dirname(sys.executable)
+pytestmark = [pytest.mark.dist, pytest.mark.deepspeed, pytest.mark.slow]
+WORKER = os.path.join(TESTS, "dist", "workers", "zero.py")
 TORCHRUN_CONFIGS = ["z1", "z2", "z3", "z3-persist", "z2-recover", "z3-recover", "z2-fused", "z3-fast"]
 
 
-@functools.lru_cache(maxsize=2)
-def single_process_reference(preset=None):
-    """Plain torch, one process, the same global batches (rank 0's micro-batches, then rank 1's); the clip
-    threshold equals the DeepSpeed config's gradient_clipping."""
-    case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
-    opt = torch.optim.AdamW(case.model.parameters(), lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
-                                shardshap.Config(max_grad_norm=CLIP, preset=preset))
-    values, clips = [], []
-    for step in range(STEPS):
-        micro, ids = [], []
-        for r in range(2):
-            m, i = local_micro_batches(case, step, r, 2)
-            micro += m
-            ids += i
-        out = attr.step(micro, ids, None)
-        values.append(dict(zip(out.sample_ids.tolist(), out.scores.numpy())))
-        clips.append(out.clip_factor)
-    state = {n: p.detach().numpy().copy() for n, p in case.model.named_parameters()}
-    for n, p in case.model.named_parameters():
-        for key in ("exp_avg", "exp_avg_sq"):
-            state[f"{key}:{n}"] = opt.state[p][key].numpy().copy()
-    return values, clips, state
-
-
-def launch(cmd, timeout=400):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", DS_ACCELERATOR="cpu")
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+def run(cmd, timeout=400):
+    proc, seconds = launch(cmd, timeout=timeout)
     infos = [json.loads(line[len("DSINFO "):]) for line in proc.stdout.splitlines() if line.startswith("DSINFO ")]
-    return proc, time.time() - t0, infos
+    return proc, seconds, infos
 
 
 def check_values_and_parameters(prefix, config):
     preset = PRESET.get(config)
     # bf16 products (preset fast) round differently where the two runs' inputs differ in the last float bit
     tol = 1e-3 if preset == "fast" else 1e-5
-    values, clips, state = single_process_reference(preset)
+    values, clips, state = single_process_reference(CLIP, preset)
     for rank in range(2):
         got = np.load(f"{prefix}.{config}.rank{rank}.npz")
         assert got["ids"].shape == (STEPS, GLOBAL_BATCH // 2)
@@ -90,9 +58,7 @@ def check_training_unchanged(prefix, config):
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory):
     prefix = str(tmp_path_factory.mktemp("ds") / "run")
-    cmd = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", "2", WORKER, "--out", prefix,
-           "--configs", ",".join(TORCHRUN_CONFIGS)]
-    proc, seconds, infos = launch(cmd)
+    proc, seconds, infos = run(torchrun("zero.py", "--out", prefix, "--configs", ",".join(TORCHRUN_CONFIGS)))
     assert proc.returncode == 0, proc.stderr[-4000:]
     for info in infos:
         print(f"{info['config']} attributed={info['attributed']} step seconds {np.round(info['seconds'], 3).tolist()} "
@@ -117,8 +83,8 @@ def test_torchrun_matches_single_process(torchrun_run, config):
 @pytest.mark.skipif(shutil.which("mpiexec", path=BIN) is None, reason="mpiexec (mpich wheel) not installed")
 def test_mpiexec_zero2(tmp_path):
     prefix = str(tmp_path / "mpi")
-    proc, _, _ = launch([os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, WORKER, "--out", prefix,
-                         "--configs", "z2", "--no-plain"])
+    proc, _, _ = run([os.path.join(BIN, "mpiexec"), "-n", "2", sys.executable, WORKER, "--out", prefix,
+                      "--configs", "z2", "--no-plain"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_values_and_parameters(prefix, "z2")
 

@@ -18,7 +18,7 @@ from shardshap.recipe.config import load_config, validate
 from shardshap.recipe.model import build_model, count_parameters
 from shardshap.store import open_scores
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = os.path.dirname(sys.executable)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,19 +14,13 @@ import numpy as np
 import pytest
 import zarr
 
-import store_worker as sw
-from shardshap.store import (ScoreWriter, StaleTotalsError, StoreFormatError, open_scores,
-                             reduce_store)
+from helpers import store_data as sw
+from helpers.distributed import TESTS
+from shardshap.backends import free_port
+from shardshap.store import ScoreWriter, StaleTotalsError, StoreFormatError, open_scores, reduce_store
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-WORKER = str(HERE / "store_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WORKER = os.path.join(TESTS, "dist", "workers", "store.py")
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
 
 
 def _writer(path, **kw):
@@ -39,9 +32,9 @@ def _writer(path, **kw):
 
 def _launch(path, world, *extra, timeout=120):
     """Run `world` writer processes with a gloo barrier; returns their exit codes."""
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     procs = [subprocess.Popen([sys.executable, WORKER, str(path), "--rank", str(r), "--world",
-                               str(world), "--init", init, *map(str, extra)])
+                               str(world), "--init", init, *map(str, extra)], env=ENV)
              for r in range(world)]
     try:
         return [p.wait(timeout=timeout) for p in procs]
@@ -345,11 +338,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, resume_via):
     mid-write); the job restarts from the last checkpoint all ranks completed."""
     path = tmp_path / "s.zarr"
     world, steps, flush_every = 3, 40, 10
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    init = f"tcp://127.0.0.1:{free_port()}"
     die_at = [17, 26, 34]  # last checkpoints: after steps 9, 19, 29
     procs = [subprocess.Popen([sys.executable, WORKER, str(path), "--rank", str(r), "--world",
                                str(world), "--init", init, "--steps", str(steps),
-                               "--flush-every", str(flush_every), "--die-at", str(die_at[r])])
+                               "--flush-every", str(flush_every), "--die-at", str(die_at[r])], env=ENV)
              for r in range(world)]
     codes = [p.wait(timeout=120) for p in procs]
     assert codes == [-9, -9, -9]
@@ -393,15 +386,14 @@ def test_mpiexec_writers_and_mpi_reduce(tmp_path):
         pytest.skip("mpiexec (pip install mpi4py mpich) not available")
     path = tmp_path / "s.zarr"
     r = subprocess.run([str(mpiexec), "-n", "2", sys.executable, WORKER, str(path), "--barrier",
-                        "mpi", "--steps", "25"], timeout=120, capture_output=True, text=True)
+                        "mpi", "--steps", "25"], timeout=120, capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     _check_totals_and_log(path, 2, 25)
     # wipe the totals, rebuild them with 2 MPI ranks
     g = zarr.open_group(str(path), mode="r+")
     g["value"][:] = np.nan
     g["count"][:] = 0
-    code = ("import sys; sys.path.insert(0, %r); from shardshap.store import reduce_store; "
-            "print(reduce_store(%r))" % (str(ROOT), str(path)))
+    code = "from shardshap.store import reduce_store; print(reduce_store(%r))" % str(path)
     r = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-c", code], timeout=120,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -37,7 +37,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import shardshap  # noqa: E402
 from shardshap.estimators import freeze  # noqa: E402
-from shardshap.optim import rule_for  # noqa: E402
+from shardshap.optim import update_rule_for  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------- workloads
@@ -250,7 +250,7 @@ class VmapBaseline:
         if hasattr(model, "set_attn_implementation"):  # sdpa's CPU backward has no vmap rule (a per-sample loop)
             model.set_attn_implementation("eager")
         self.model, self.opt = model, opt
-        self.rule = rule_for(opt)
+        self.rule = update_rule_for(opt)
         self.groups = {id(p): g for g in opt.param_groups for p in g["params"]}
         self.params = dict(model.named_parameters())
 

@@ -52,10 +52,10 @@ def _micro_batches(batch, sample_ids):
                 f"{' of length %d' % len(batch) if isinstance(batch, (list, tuple)) else ''})")
         micro_ids = list(sample_ids)
         micro = list(batch)
+    elif isinstance(sample_ids, (list, tuple)) and not sample_ids:
+        raise AttributionError("the step has no samples (empty sample_ids): pass at least one sample")
     else:
         micro_ids, micro = [sample_ids], [batch]
-    if not micro_ids:
-        raise AttributionError("the step has no micro-batch (an empty list of sample_ids)")
     return micro, [_as_ids(x, j) for j, x in enumerate(micro_ids)]
 
 
@@ -150,13 +150,13 @@ class Attributor:
                                    "the low-level API: attr.record(ids) around your forward/backward, then "
                                    "attr.attribute(targets) before optimizer.step()")
         t0 = time.perf_counter()
-        micro, ids = _micro_batches(batch, sample_ids)
-        n = sum(len(i) for i in ids)
-        c = 1.0 / n if n and self.config.reduction == "mean" else 1.0  # this rank's loss; DDP averages
         opt, backend = self.optimizer, self.backend
         backend.zero_grad(opt)
         written = False
         try:
+            micro, ids = _micro_batches(batch, sample_ids)
+            n = sum(len(i) for i in ids)
+            c = 1.0 / n if n and self.config.reduction == "mean" else 1.0  # this rank's loss; DDP averages
             self._check_store_fits(n)
             for j, (mb, mids) in enumerate(zip(micro, ids)):
                 last = j == len(micro) - 1

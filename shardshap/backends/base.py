@@ -84,8 +84,8 @@ class Backend(ABC):
 
     def update_rule(self, optimizer):
         """The optimizer's coordinate-wise update rule (shardshap.optim)."""
-        from ..optim import rule_for
-        return rule_for(optimizer)
+        from ..optim import update_rule_for
+        return update_rule_for(optimizer)
 
     def trainable(self, optimizer) -> set[int]:
         """ids of the model parameters the optimizer updates."""

@@ -123,7 +123,7 @@ class ZeroBackend(Backend):
         return self.zero
 
     def update_rule(self, optimizer):
-        from ..optim import rule_for
+        from ..optim import update_rule_for
         from ..optim.adam import AdamRule
         inner = optimizer.optimizer
         name = type(inner).__name__
@@ -134,7 +134,7 @@ class ZeroBackend(Backend):
             if any(g.get("amsgrad", False) for g in inner.param_groups):
                 raise UnsupportedOptimizer(f"DeepSpeed {name}(amsgrad=True) is not supported")
             return AdamRule(decoupled_default=bool(getattr(inner, "adam_w_mode", True)))
-        return rule_for(inner)
+        return update_rule_for(inner)
 
     def trainable(self, optimizer) -> set[int]:
         return {id(p) for p in self.params}

@@ -2,6 +2,6 @@
 from . import conv, embedding, linear, norms  # noqa: F401  (register the built-in rules)
 from ..errors import UnsupportedModule
 from .capture import AttributedModule, Capture, Plan, plan
-from .registry import Rule, register, rule_for
+from .registry import ProductRule, register, product_rule_for
 
-__all__ = ["AttributedModule", "Capture", "Plan", "Rule", "UnsupportedModule", "plan", "register", "rule_for"]
+__all__ = ["AttributedModule", "Capture", "Plan", "ProductRule", "UnsupportedModule", "plan", "register", "product_rule_for"]

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import BatchShapeError, UnsupportedModule
 from .lowrank import MIN_ENERGY, Factors, factorize, worth_it
-from .registry import Rule, grads_products, rule_for
+from .registry import ProductRule, grads_products, product_rule_for
 
 
 class Products(NamedTuple):
@@ -26,7 +26,7 @@ class Products(NamedTuple):
 class AttributedModule:
     name: str
     module: nn.Module
-    rule: Rule
+    rule: ProductRule
     params: dict[str, nn.Parameter]  # the module's own attributed parameters, by local name
 
 
@@ -62,7 +62,7 @@ def plan(model: nn.Module, exclude: list[str], trainable: Optional[set[int]] = N
 
     modules, covered, excluded_names = [], set(), set()
     for mname, m in model.named_modules():
-        rule = rule_for(m)
+        rule = product_rule_for(m)
         own = dict(m.named_parameters(recurse=False))
         if rule is None or not own:
             continue
@@ -106,7 +106,7 @@ class _Call:
     micro: int
     a: Optional[torch.Tensor]   # the module input (released once `grads` is taken)
     e: Optional[torch.Tensor] = None
-    grads: Optional[dict[str, torch.Tensor]] = None  # per-sample gradients (Rule.reduce_in_backward)
+    grads: Optional[dict[str, torch.Tensor]] = None  # per-sample gradients (ProductRule.reduce_in_backward)
 
     @property
     def done(self) -> bool:
@@ -235,16 +235,15 @@ class Capture:
                     out[names[id(am.params[local])]][lo:hi] += val
         return Products(out, W, info)
 
-    def _factorize(self, W, rank, names) -> tuple[dict[int, tuple[Rule, Factors]], dict]:
+    def _factorize(self, W, rank, names) -> tuple[dict[int, tuple[ProductRule, Factors]], dict]:
         """Low-rank factors of the matrix weights (their entries of the dict `W` become the rank-r
         approximations), and what was kept per layer. A layer below MIN_ENERGY at rank r retries at
         2r, 4r, ... while that still saves work, and takes exact products if none reaches it."""
         todo = {}
         for am in self.plan.modules:
             p = am.params.get("weight")
-            as_matrix = getattr(am.rule, "weight_matrix", None)  # [K, dout, din] view (Linear, Conv1D)
-            if p is not None and as_matrix is not None and id(p) not in todo:
-                todo[id(p)] = (am.rule, as_matrix(W[id(p)]))
+            if p is not None and am.rule.weight_matrix is not None and id(p) not in todo:
+                todo[id(p)] = (am.rule, am.rule.weight_matrix(W[id(p)]))
         info = {"energy": {}, "layer_rank": {}, "exact_layers": []}
         used, r = {}, rank
         while todo:

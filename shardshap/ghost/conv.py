@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModule
-from .registry import Rule, bias_products, register
+from .registry import ProductRule, bias_products, register
 
 
 @register(nn.Conv1d, nn.Conv2d)
-class ConvRule(Rule):
+class ConvRule(ProductRule):
     low_precision_pays = True
 
     def validate(self, module, name):

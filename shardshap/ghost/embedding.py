@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModule
-from .registry import Rule, register
+from .registry import ProductRule, register
 
 
 @register(nn.Embedding)
-class EmbeddingRule(Rule):
+class EmbeddingRule(ProductRule):
     param_names = ("weight",)
 
     def validate(self, module, name):

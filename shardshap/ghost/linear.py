@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .lowrank import Factors, lowrank_products
-from .registry import Rule, bias_products, register
+from .registry import ProductRule, bias_products, register
 
 
 def matrix_products(a: torch.Tensor, e: torch.Tensor, Ww: torch.Tensor, Wb: Optional[torch.Tensor] = None):
@@ -61,7 +61,7 @@ def weight_products(a3, e3, Ww, Wb=None):
 
 
 @register(nn.Linear)
-class LinearRule(Rule):
+class LinearRule(ProductRule):
     low_precision_pays = True
 
     @staticmethod

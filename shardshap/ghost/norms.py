@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Rule, register
+from .registry import ProductRule, register
 
 
 def _affine_grads(xhat, e, names, shape):
@@ -23,7 +23,7 @@ def _affine_grads(xhat, e, names, shape):
 
 
 @register(nn.LayerNorm)
-class LayerNormRule(Rule):
+class LayerNormRule(ProductRule):
     reduce_in_backward = True
 
     def per_sample_grads(self, module, a, e, names):
@@ -37,7 +37,7 @@ def rms_normalize(a: torch.Tensor, ndim: int, eps: float) -> torch.Tensor:
 
 
 @register(nn.RMSNorm)
-class RMSNormRule(Rule):
+class RMSNormRule(ProductRule):
     param_names = ("weight",)
     reduce_in_backward = True
 
@@ -59,7 +59,7 @@ def _is_hf_rmsnorm(module) -> bool:
 
 
 @register(match=_is_hf_rmsnorm)
-class HFRMSNormRule(Rule):
+class HFRMSNormRule(ProductRule):
     param_names = ("weight",)
     reduce_in_backward = True
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 
-class Rule:
+class ProductRule:
     """Base class of a product rule. Subclasses set `param_names` and implement `products`."""
 
     param_names: tuple[str, ...] = ("weight", "bias")
@@ -21,6 +21,10 @@ class Rule:
     # per-sample gradients no larger than one token's activations (norm layers: [b, d]): taken in the
     # backward hook while the output gradient is hot, and kept instead of the input and output gradient
     reduce_in_backward: bool = False
+
+    # weight_matrix(W [K, *weight.shape]) -> [K, d_out, d_in] view, its own inverse: defined by rules whose
+    # weight is a matrix map (Linear, HF Conv1D) so that low rank (Config.product_rank) can factorise W
+    weight_matrix: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def validate(self, module: nn.Module, name: str) -> None:
         """Raise for module options the rule does not support (checked once, before training)."""
@@ -49,8 +53,8 @@ class Rule:
         raise NotImplementedError
 
 
-_BY_TYPE: dict[type, Rule] = {}
-_BY_MATCH: list[tuple[Callable[[nn.Module], bool], Rule]] = []
+_BY_TYPE: dict[type, ProductRule] = {}
+_BY_MATCH: list[tuple[Callable[[nn.Module], bool], ProductRule]] = []
 
 
 def register(*module_types: type, match: Optional[Callable[[nn.Module], bool]] = None):
@@ -65,7 +69,7 @@ def register(*module_types: type, match: Optional[Callable[[nn.Module], bool]] =
     return deco
 
 
-def rule_for(module: nn.Module) -> Optional[Rule]:
+def product_rule_for(module: nn.Module) -> Optional[ProductRule]:
     for cls in type(module).__mro__:
         if cls in _BY_TYPE:
             return _BY_TYPE[cls]

@@ -5,21 +5,21 @@ import torch
 
 from .adam import AdamRule
 from ..errors import UnsupportedOptimizer
-from .base import OptimizerRule, StepMap
+from .base import UpdateRule, StepMap
 from .sgd import SGDRule
 
-RULES: dict[type, OptimizerRule] = {
+UPDATE_RULES: dict[type, UpdateRule] = {
     torch.optim.SGD: SGDRule(),
     torch.optim.Adam: AdamRule(decoupled_default=False),
     torch.optim.AdamW: AdamRule(decoupled_default=True),
 }
 
 
-def rule_for(optimizer: torch.optim.Optimizer) -> OptimizerRule:
+def update_rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
     """The update rule of `optimizer`'s exact class; an unknown class is an error, never a fallback."""
-    rule = RULES.get(type(optimizer))
+    rule = UPDATE_RULES.get(type(optimizer))
     if rule is None:
-        supported = ", ".join(f"torch.optim.{c.__name__}" for c in RULES)
+        supported = ", ".join(f"torch.optim.{c.__name__}" for c in UPDATE_RULES)
         raise UnsupportedOptimizer(
             f"no update rule for optimizer {type(optimizer).__module__}.{type(optimizer).__qualname__}; "
             f"supported: {supported}. Its update map D(.) is needed to value samples under its real step.")
@@ -27,4 +27,4 @@ def rule_for(optimizer: torch.optim.Optimizer) -> OptimizerRule:
     return rule
 
 
-__all__ = ["RULES", "OptimizerRule", "StepMap", "UnsupportedOptimizer", "rule_for"]
+__all__ = ["UPDATE_RULES", "UpdateRule", "StepMap", "UnsupportedOptimizer", "update_rule_for"]

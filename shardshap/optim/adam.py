@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from ..errors import UnsupportedOptimizer
-from .base import OptimizerRule, StepMap, scalar
+from .base import UpdateRule, StepMap, scalar
 
 
 def adamw_secant(g, m, v, theta, lr, b1, b2, eps, wd, bc1, bc2, sign):
@@ -75,7 +75,7 @@ def compiled_adamw_secant():
     return run
 
 
-class AdamRule(OptimizerRule):
+class AdamRule(UpdateRule):
     name = "Adam/AdamW"
 
     def __init__(self, decoupled_default: bool):

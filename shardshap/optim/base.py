@@ -36,7 +36,7 @@ def scalar(x) -> float:
     return float(x.item()) if torch.is_tensor(x) else float(x)
 
 
-class OptimizerRule:
+class UpdateRule:
     """Reads one optimizer family's hyperparameters and state; computes D(.) without mutating anything."""
 
     name = "optimizer"

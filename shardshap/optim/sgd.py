@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import OptimizerRule, StepMap, scalar
+from .base import UpdateRule, StepMap, scalar
 
 
-class SGDRule(OptimizerRule):
+class SGDRule(UpdateRule):
     name = "SGD"
 
     def step_map(self, param, grad, group, state, dtype, compiled=False) -> StepMap:

@@ -142,6 +142,8 @@ def save_checkpoint(cfg, step: int, rank: int, model, opt, sched, ds_engine, att
     tag = f"step_{step:08d}"
     path = root / tag
     path.mkdir(parents=True, exist_ok=True)
+    if attr is not None:
+        attr.flush(durable=True)  # the store's steps survive whatever the checkpoint survives
     state = {"step": step, "rng": torch.get_rng_state(), "attr": attr.state_dict() if attr else None,
              "run_id": cfg.run_id()}
     if ds_engine is not None:

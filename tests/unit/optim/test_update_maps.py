@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from shardshap.optim import rule_for
+from shardshap.optim import update_rule_for
 
 torch_opts = {
     "adamw": (torch.optim.AdamW, dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)),
@@ -51,7 +51,7 @@ FUSED = ["adamw", "adamw-maximize", "adam", "adam-decoupled"]
 @pytest.mark.parametrize("name,compiled", [(n, False) for n in torch_opts] + [(n, True) for n in FUSED])
 def test_step_map_is_the_real_step(name, compiled, warm_steps):
     p, opt = optimizer_at(name, warm_steps)
-    rule = rule_for(opt)
+    rule = update_rule_for(opt)
     group, state = opt.param_groups[0], opt.state[p]
     g = torch.randn(64, dtype=torch.float64) * torch.logspace(-5, 0, 64, dtype=torch.float64)
     g[3] = 0.0  # a coordinate without gradient
@@ -70,7 +70,7 @@ def test_step_map_is_the_real_step(name, compiled, warm_steps):
 @pytest.mark.parametrize("name", ["adamw", "adamw-maximize", "adam", "adam-l2", "adam-decoupled"])
 def test_secant_slope_tends_to_the_derivative(name):
     p, opt = optimizer_at(name, 5)
-    rule = rule_for(opt)
+    rule = update_rule_for(opt)
     group, state = opt.param_groups[0], opt.state[p]
     D = rule.displacement_fn(p, group, state, torch.float64)
     direction = torch.randn(64, dtype=torch.float64)
@@ -92,7 +92,7 @@ def test_compiled_kernel_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     try:
         p, opt = optimizer_at("adamw", 5)
-        rule = rule_for(opt)
+        rule = update_rule_for(opt)
         group, state = opt.param_groups[0], opt.state[p]
         g = torch.randn(64, dtype=torch.float64)
         with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):

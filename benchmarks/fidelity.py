@@ -5,6 +5,7 @@ game (all 2^|B| subsets, the real torch optimizer), float64, on the test cases.
 """
 import argparse
 import os
+import sys
 
 import torch
 
@@ -56,7 +57,8 @@ def main():
             print("| step | " + " | ".join(names) + " |")
             print("|---|" + "---|" * len(names))
             for step, res in rows.items():
-                print(f"| {step} | " + " | ".join(f"{min(r.pearson):.4f} ({max(r.efficiency_gap):.1%})" for r in res) + " |")
+                cells = [f"{min(r.pearson):.4f} ({max(r.efficiency_gap):.1%})" for r in res]
+                print(f"| {step} | " + " | ".join(cells) + " |")
             sys.stdout.flush()
 
 

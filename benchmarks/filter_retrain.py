@@ -8,7 +8,7 @@
 Prints, per validation target, the steps each retrain needs to reach a fixed loss (run (a)'s loss at
 --threshold-at of the budget) and the final losses, side by side, and how many samples were dropped per domain.
 
-    python benchmarks/filter_retrain.py                      # the demo config, 2 ranks (DeepSpeed ZeRO-2), ~3-4 min on 2 cores
+    python benchmarks/filter_retrain.py        # the demo config, 2 ranks (DeepSpeed ZeRO-2), ~3-4 min on 2 cores
     python benchmarks/filter_retrain.py --store runs/quickstart/run.zarr --data runs/quickstart/data
     python benchmarks/filter_retrain.py --steps 200 --seed 1 --rule drop-negative --target code --nproc 1
 """
@@ -77,7 +77,8 @@ def main():
     ap.add_argument("--threshold-at", type=float, default=0.6,
                     help="threshold = run (a)'s validation loss at this fraction of the budget")
     ap.add_argument("--eval-every", type=int, default=5, help="validation loss every N steps in the retrains")
-    ap.add_argument("--nproc", type=int, default=2, help="ranks (torchrun, the config's engine); 1: one process, engine none")
+    ap.add_argument("--nproc", type=int, default=2,
+                    help="ranks (torchrun, the config's engine); 1: one process, engine none")
     ap.add_argument("--grad-accum-1proc", type=int, default=4,
                     help="with --nproc 1: micro-batches per step (4 keeps the demo's global batch of 32)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
@@ -87,6 +88,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     import numpy as np
+
     from shardshap.analysis.manifest import default_path, read_manifest
 
     if args.data:
@@ -160,7 +162,8 @@ def main():
               "store": str(store), "kept": int(len(keep)), "dropped_per_domain": per_domain,
               "threshold_step": at, "threshold": {t: ref[t] for t in targets},
               "eval_all": a["eval"], "eval_kept": b["eval"],
-              "steps_to_threshold": {t: [steps_to(a["eval"], t, ref[t]), steps_to(b["eval"], t, ref[t])] for t in targets}}
+              "steps_to_threshold": {t: [steps_to(a["eval"], t, ref[t]), steps_to(b["eval"], t, ref[t])]
+                                     for t in targets}}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -42,7 +42,7 @@ def factorize_w1():
     shapes = [(768, 256), (256, 256), (1024, 256), (256, 1024)] * 4 + [(4096, 256)]  # 4 blocks + LM head
     mats = [torch.randn(1, o, i, generator=g) @ torch.diag(torch.linspace(1, 0.01, i)) for o, i in shapes]
     for p in (0, 1):
-        print(f"rank 16, power_iters {p}: {ms(lambda: [factorize(W, 16, power_iters=p) for W in mats], 5):.1f} ms "
+        print(f"rank 16, power_iters {p}: {ms(lambda p=p: [factorize(W, 16, power_iters=p) for W in mats], 5):.1f} ms "
               "for the 17 matrices")
 
 
@@ -65,6 +65,7 @@ def freeze(compile_too: bool):
 
 def target(workload: str):
     import statistics
+
     import throughput as tp
     tp.keep_freed_memory()
     wl = tp.make_workload(workload, "cpu", 2)
@@ -83,7 +84,8 @@ def target(workload: str):
     g32, g16 = grads(False), grads(True)
     dot = sum((a.double() * b.double()).sum() for a, b in zip(g32, g16))
     norms = [sum(x.double().square().sum() for x in g).sqrt() for g in (g32, g16)]
-    print(f"{workload} target forward+backward (2 sequences): float32 {1e3 * statistics.median(times[False][1:]):.0f} ms, "
+    f32 = 1e3 * statistics.median(times[False][1:])
+    print(f"{workload} target forward+backward (2 sequences): float32 {f32:.0f} ms, "
           f"bf16 autocast {1e3 * statistics.median(times[True][1:]):.0f} ms; cosine of the target gradients "
           f"{(dot / (norms[0] * norms[1])).item():.6f}")
 

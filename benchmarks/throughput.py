@@ -34,10 +34,13 @@ import torch
 import torch.nn.functional as F
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import shardshap  # noqa: E402
-from shardshap.estimators import freeze  # noqa: E402
+from shardshap.backends import OwnedSlice  # noqa: E402
+from shardshap.estimators import ESTIMATORS  # noqa: E402
 from shardshap.optim import update_rule_for  # noqa: E402
+from shardshap.verify import pearson  # noqa: E402
+
+SECANT = ESTIMATORS["secant"]
 
 
 # ----------------------------------------------------------------------------------------- workloads
@@ -195,16 +198,12 @@ class PeakMemory:
         self.mib = (peak - self.base) / 2 ** 20
 
 
-def pearson(a, b) -> float:
-    a = a.double().flatten() - a.double().mean()
-    b = b.double().flatten() - b.double().mean()
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300))
-
-
 def plain_step(model, opt, batch):
+    from torch.profiler import record_function
     opt.zero_grad(set_to_none=True)
     train_loss(model, batch).mean().backward()
-    opt.step()
+    with record_function("plain.optimizer_step"):  # the pass the secant math mirrors
+        opt.step()
 
 
 class Runner:
@@ -266,8 +265,9 @@ class VmapBaseline:
         opt.zero_grad(set_to_none=True)
         for n, p in self.params.items():
             p.grad = G[n].mean(0)
-        frozen = {n: freeze("secant", 2, self.rule, p, p.grad, self.groups[id(p)], opt.state.get(p, {}), 1.0,
-                            torch.float32) for n, p in self.params.items()}
+        frozen = {n: SECANT.freeze(self.rule, OwnedSlice(p, p.detach(), p.grad, opt.state.get(p, {}),
+                                                         self.groups[id(p)]), 1.0, torch.float32, order=2)
+                  for n, p in self.params.items()}
         saved = [p.detach().clone() for p in self.params.values()]
         with torch.no_grad():
             for n, p in self.params.items():
@@ -277,7 +277,7 @@ class VmapBaseline:
             for p, s in zip(self.params.values(), saved):
                 p.copy_(s)
         scores = torch.zeros(b, 1, device=x.device)
-        for (n, p), hp in zip(self.params.items(), h):
+        for n, hp in zip(self.params, h):
             Wp = frozen[n].multiplier * hp
             scores[:, 0] += (G[n].flatten(1) @ Wp.flatten()) / b
         del G
@@ -383,105 +383,71 @@ def print_rows(title: str, rows: list[dict]):
     sys.stdout.flush()
 
 
+def _phase_times(prof, steps: int, device) -> dict[str, float]:
+    """ms per step of every range the library labels "shardshap.<phase>" (and the benchmark's own
+    "plain.*" ranges): host time on CPU, device time of the range on CUDA."""
+    out = {}
+    for e in prof.key_averages():
+        if e.key.startswith(("shardshap.", "plain.")):
+            us = e.device_time_total if device.type == "cuda" and e.device_time_total else e.cpu_time_total
+            out[e.key] = us / 1e3 / steps
+    return out
+
+
+def _profiled(wl: Workload, runners: dict, steps: int, start: int):
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as tprofile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if wl.device.type == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        for s in range(steps):
+            for name, r in runners.items():
+                with record_function(f"plain.{name} step" if name == "plain" else f"shardshap.{name} step"):
+                    r.step(start + s)
+    sync(wl.device)
+    return prof
+
+
 def profile(wl: Workload, cfg: shardshap.Config, steps: int, start: int):
-    """torch.profiler over attributed steps, the engine's phases labelled with record_function."""
-    from torch.profiler import ProfilerActivity, profile as tprofile, record_function
-    import shardshap.attributor as A
-    runner = Runner(wl, cfg)
-    attr = runner.attr
-
-    def labelled(name, fn):
-        def wrapper(*a, **k):
-            with record_function(name):
-                return fn(*a, **k)
-        return wrapper
-
-    attr._attribute = labelled("ss: all attribution after the training backward", attr._attribute)
-    attr._target_gradients = labelled("ss: target pass (shift, fwd+bwd, restore)", attr._target_gradients)
-    attr._check_completeness = labelled("ss: completeness check", attr._check_completeness)
-    attr._cold_start = labelled("ss: cold start", attr._cold_start)
-    attr.capture.products = labelled("ss: products", attr.capture.products)
-    attr.train_loss = labelled("ss: train forward", attr.train_loss)
-    orig_freeze = A.freeze
-    A.freeze = labelled("ss: freeze (secant slope, midpoint)", orig_freeze)
-    plain = Runner(wl, None)
+    """torch.profiler over attributed steps; the phases are the library's own record_function labels."""
+    runner, plain = Runner(wl, cfg), Runner(wl, None)
     for s in range(2):  # warm
         runner.step(start + s)
         plain.step(start + s)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if wl.device.type == "cuda" else [])
-    try:
-        with tprofile(activities=acts) as prof:
-            for s in range(steps):
-                with record_function("plain step"):
-                    plain.step(start + 2 + s)
-                with record_function("attributed step"):
-                    runner.step(start + 2 + s)
-    finally:
-        A.freeze = orig_freeze
-    events = {e.key: e for e in prof.key_averages()}
-    plain_ms = events["plain step"].cpu_time_total / 1e3 / steps
+    prof = _profiled(wl, {"plain": plain, "attributed": runner}, steps, start + 2)
+    times = _phase_times(prof, steps, wl.device)
+    plain_ms = times["plain.plain step"]
     print(f"\n### Profile: W1, {steps} steps of each, preset {cfg.preset!r}\n")
-    print("| phase | ms / step | % of a plain step |")
+    print("| range | ms / step | % of a plain step |")
     print("|---|---|---|")
-    for key in ["plain step", "attributed step"] + sorted(k for k in events if k.startswith("ss:")):
-        ms = events[key].cpu_time_total / 1e3 / steps
-        print(f"| {key.removeprefix('ss: ')} | {ms:.1f} | {100 * ms / plain_ms:.1f}% |")
+    for key, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+        print(f"| {key} | {ms:.1f} | {100 * ms / plain_ms:.1f}% |")
     print()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
-
-
-TARGET, FREEZE = "target pass (shift, fwd+bwd, restore)", "freeze (secant slope, midpoint)"
-OPT_STEP = "plain step: optimizer.step() alone"
+    runner.close()
 
 
 def breakdown(wl: Workload, cfg: shardshap.Config, steps: int, start: int):
-    """Wall-clock split of attributed steps (perf_counter around each phase and each product rule, no
-    profiler), and what recording the training forward/backward costs over a plain one. On CUDA every timer
-    synchronizes first, so that each phase is charged its own kernels (which adds syncs to the step)."""
-    import collections
-    import shardshap.attributor as A
+    """Split of attributed steps: step totals timed without the profiler (interleaved with plain steps),
+    the library's phases ("shardshap.<phase>" ranges, incl. one per product rule) from one profiled run,
+    and what recording the training forward/backward costs over a plain one."""
     runner, plain = Runner(wl, cfg), Runner(wl, None)
-    attr, spent = runner.attr, collections.defaultdict(float)
-
-    def timed(key, fn):
-        def wrapper(*a, **k):
+    attr = runner.attr
+    for s in range(2):
+        runner.step(start + s)
+        plain.step(start + s)
+    total = {"plain": 0.0, "attributed": 0.0}
+    for s in range(steps):
+        for name, r in (("plain", plain), ("attributed", runner)):
             sync(wl.device)
             t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                sync(wl.device)
-                spent[key] += time.perf_counter() - t0
-        return wrapper
-
-    for am in attr.plan.modules:  # one wrapper per rule object (modules share them)
-        if not getattr(am.rule, "_timed", False):
-            am.rule.products = timed(f"products: {type(am.rule).__name__}", am.rule.products)
-            am.rule._timed = True
-    attr.capture._factorize = timed("products: low-rank factorisation", attr.capture._factorize)
-    attr.capture.products = timed("products (all)", attr.capture.products)
-    attr._target_gradients = timed(TARGET, attr._target_gradients)
-    attr._check_completeness = timed("completeness check", attr._check_completeness)
-    orig_freeze, A.freeze = A.freeze, timed(FREEZE, A.freeze)
-    plain.opt.step = timed(OPT_STEP, plain.opt.step)  # the optimizer pass that freeze mirrors
-    try:
-        for s in range(2):
-            runner.step(start + s)
-            plain.step(start + s)
-        spent.clear()
-        total = {"plain": 0.0, "attributed": 0.0}
-        for s in range(steps):
-            for name, r in (("plain", plain), ("attributed", runner)):
-                sync(wl.device)
-                t0 = time.perf_counter()
-                r.step(start + 2 + s)
-                sync(wl.device)
-                total[name] += time.perf_counter() - t0
-    finally:
-        A.freeze = orig_freeze
+            r.step(start + 2 + s)
+            sync(wl.device)
+            total[name] += time.perf_counter() - t0
+    phases = _phase_times(_profiled(wl, {"plain": plain, "attributed": runner}, steps, start + 2 + steps),
+                          steps, wl.device)
     x, ids = wl.batch(start)
     rec = {False: [], True: []}
-    for i in range(2 * steps + 2):  # training forward+backward with and without recording, alternating
+    for _ in range(2 * steps + 2):  # training forward+backward with and without recording, alternating
         for recording in (False, True):
             runner.model.zero_grad(set_to_none=True)
             sync(wl.device)
@@ -501,13 +467,14 @@ def breakdown(wl: Workload, cfg: shardshap.Config, steps: int, start: int):
     print("| phase | ms / step | % of a plain step |")
     print("|---|---|---|")
     rows = [("plain step", plain_ms), ("attributed step", 1e3 * total["attributed"] / steps)]
-    rows += [(k, 1e3 * v / steps) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])]
+    rows += sorted(((k, v) for k, v in phases.items() if not k.endswith(" step")), key=lambda kv: -kv[1])
     rows += [("recording the training forward+backward (median over plain)", 1e3 * (fb[True] - fb[False]))]
     for key, ms in rows:
         print(f"| {key} | {ms:.1f} | {100 * ms / plain_ms:.1f}% |")
-    floor = (spent[TARGET] + spent[FREEZE]) / total["plain"]
+    floor = (phases.get("shardshap.target", 0.0) + phases.get("shardshap.freeze", 0.0)) / plain_ms
     print(f"\nFloor of this schedule (a fresh target pass at the midpoint and the secant math, with products, "
-          f"recording and checks free): 1 + {floor:.3f} = {1 + floor:.3f}x; rho = {wl.rho:.4f}")
+          f"recording and checks free): 1 + {floor:.3f} = {1 + floor:.3f}x; rho = {wl.rho:.4f} "
+          "(phase times from the profiled run, which adds its own overhead)")
     runner.close()
 
 

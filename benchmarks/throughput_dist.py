@@ -29,8 +29,9 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import shardshap  # noqa: E402
 import throughput as tp  # noqa: E402
+
+import shardshap  # noqa: E402
 from shardshap.backends import init_distributed, shutdown  # noqa: E402
 
 ENGINES = ["ddp", "fsdp", "z1", "z2", "z3"]

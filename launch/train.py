@@ -17,7 +17,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", required=True, help="YAML or JSON training config")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set train.steps=100 (repeatable; values are YAML)")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    # the deepspeed launcher passes --local_rank
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from shardshap.recipe.config import load_config
     try:

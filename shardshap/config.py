@@ -12,8 +12,6 @@ from .errors import ConfigError
 from .estimators import ESTIMATORS
 
 
-
-
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"Config.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
@@ -68,7 +66,8 @@ class Config:
         "gradient; training is unchanged.")})
     compile_math: Optional[bool] = field(default=None, metadata={"help": (
         "True: fuse the per-parameter optimizer math of each step (the Adam/AdamW secant slope, D(0)) with "
-        "torch.compile: one pass over the parameters instead of about 15. The first step pays the compilation (seconds; inductor needs a C++ compiler on CPU, Triton on GPU); where it "
+        "torch.compile: one pass over the parameters instead of about 15. The first step pays the compilation "
+        "(seconds; inductor needs a C++ compiler on CPU, Triton on GPU); where it "
         "fails, the eager math runs with a warning. Values equal the eager ones up to float rounding; training "
         "is unchanged. None (the default): off unless the preset sets it.")})
     preset: Optional[str] = field(default=None, metadata={"help": (

@@ -97,7 +97,7 @@ class Backend(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def after_micro_batch(self, last: bool) -> None:
+    def after_micro_batch(self, last: bool) -> None:  # noqa: B027  (a hook with nothing to do by default)
         """Called after each micro-batch's backward (DeepSpeed counts micro-steps here)."""
 
     def optimizer_step(self, optimizer) -> None:

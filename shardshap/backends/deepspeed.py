@@ -46,11 +46,11 @@ class ZeroBackend(Backend):
         self.zero = model.optimizer
         stage = int(model.zero_optimization_stage()) if model.zero_optimization() else 0
         if stage not in (1, 2, 3):
-            raise UnsupportedEngine(f"DeepSpeed engine with ZeRO stage {stage}: shardshap supports ZeRO stages 1, 2 and 3 "
-                            "(set zero_optimization.stage)")
+            raise UnsupportedEngine(f"DeepSpeed engine with ZeRO stage {stage}: shardshap supports ZeRO stages 1, 2 "
+                                    "and 3 (set zero_optimization.stage)")
         if model.fp16_enabled():
-            raise UnsupportedEngine("DeepSpeed fp16 (loss scaling) is not supported: the captured output gradients carry the "
-                            "dynamic loss scale; train in fp32 or bf16")
+            raise UnsupportedEngine("DeepSpeed fp16 (loss scaling) is not supported: the captured output gradients "
+                                    "carry the dynamic loss scale; train in fp32 or bf16")
         if getattr(self.zero, "cpu_offload", False) or getattr(self.zero, "offload_optimizer", False) \
                 or getattr(self.zero, "offload_param", False):
             raise UnsupportedEngine("DeepSpeed ZeRO offload is not supported (optimizer state must stay on the device)")
@@ -73,7 +73,7 @@ class ZeroBackend(Backend):
     # ---------------------------------------------------------------- layout
     def _init_zero12(self):
         z = self.zero
-        for i, group in enumerate(z.bit16_groups):
+        for i in range(len(z.bit16_groups)):
             g = z.real_dp_process_group[i]
             if dist.get_world_size(group=g) != self.dp_size:
                 raise UnsupportedEngine("a DeepSpeed parameter group is partitioned over a group other than the "

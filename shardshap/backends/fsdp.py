@@ -19,7 +19,8 @@ from .base import Backend, OwnedSlice
 
 
 def _dtensor():
-    from torch.distributed.tensor import DTensor, Shard as Placement
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import Shard as Placement
     return DTensor, Placement
 
 

@@ -5,6 +5,9 @@ to the point where the target gradient h_k is taken, so that W_k = M * h_k and v
 Adding one means a module here with an `Estimator` subclass decorated by `@register`, and its test.
 """
 from .base import ESTIMATORS, Estimator, Frozen, get, register
-from . import secant, lagged, sgd  # noqa: E402,F401,I001  (registers them; the default first)
+
+# isort: off
+from . import secant, lagged, sgd  # noqa: F401  (registers them, in the order error messages list them)
+# isort: on
 
 __all__ = ["ESTIMATORS", "Estimator", "Frozen", "get", "register"]

@@ -2,8 +2,6 @@
 and momentum, accurate for Adam/AdamW); order 2 takes h at the midpoint of the real step."""
 from __future__ import annotations
 
-import torch
-
 from .base import Estimator, Frozen, register
 
 

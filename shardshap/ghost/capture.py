@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ..errors import BatchShapeError, UnsupportedModule
 from .lowrank import MIN_ENERGY, Factors, factorize, worth_it
@@ -54,7 +55,7 @@ def plan(model: nn.Module, exclude: list[str], trainable: Optional[set[int]] = N
 
     owners: dict[int, list[str]] = {}
     for mname, m in model.named_modules(remove_duplicate=False):
-        for local, p in m.named_parameters(recurse=False):
+        for _, p in m.named_parameters(recurse=False):
             owners.setdefault(id(p), []).append(mname)
 
     def attributable(p) -> bool:
@@ -213,7 +214,8 @@ class Capture:
         info, factors = {}, {}
         if rank is not None:
             W = dict(W)  # the entries the low-rank products replace; the caller's mapping is left alone
-            factors, info = self._factorize(W, rank, names)
+            with record_function("shardshap.products.factorize"):
+                factors, info = self._factorize(W, rank, names)
         for am in self.plan.modules:
             low = self._low_dtype(am)  # products in it (bf16 matrix units); the sums are kept in `dtype`
             work = dtype if low is None else low
@@ -223,13 +225,14 @@ class Capture:
                 if rule is am.rule:  # same orientation; other uses of a tied weight take the dense W_r
                     Wm["weight"] = f if low is None else Factors(f.left.to(low), f.right.to(low), f.energy)
             for call in self.calls[am.name]:
-                if call.grads is not None:
-                    res = grads_products(call.grads, Wm)
-                elif call.e is not None:
-                    a = call.a if not call.a.is_floating_point() else call.a.to(work)
-                    res = am.rule.products(am.module, a, call.e.to(work), Wm)
-                else:
-                    continue
+                with record_function(f"shardshap.products.{type(am.rule).__name__}"):
+                    if call.grads is not None:
+                        res = grads_products(call.grads, Wm)
+                    elif call.e is not None:
+                        a = call.a if not call.a.is_floating_point() else call.a.to(work)
+                        res = am.rule.products(am.module, a, call.e.to(work), Wm)
+                    else:
+                        continue
                 lo, hi = offsets[call.micro], offsets[call.micro + 1]
                 for local, val in res.items():
                     out[names[id(am.params[local])]][lo:hi] += val

@@ -66,7 +66,7 @@ class HFRMSNormRule(ProductRule):
     @staticmethod
     def _xhat(module, a):
         eps = getattr(module, "variance_epsilon", None)
-        eps = getattr(module, "eps") if eps is None else eps
+        eps = module.eps if eps is None else eps
         # HF normalises in float32 whatever the model dtype; mirror it so products stay exact
         return rms_normalize(a.float(), 1, float(eps)).to(a.dtype)
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from ..attributor import Attributor
-from ..errors import AttributionError
 from ..config import Config
+from ..errors import AttributionError
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
@@ -55,7 +55,8 @@ class ShardshapCallback(TrainerCallback):
     def __init__(self, targets: Mapping[str, Mapping[str, torch.Tensor]], config: Optional[Config] = None, *,
                  store: Optional[str] = None, run_id: Optional[str] = None, overwrite: bool = False,
                  target_loss: Callable = model_loss, id_key: str = "sample_id"):
-        self.targets, self.config, self.target_loss, self.id_key = dict(targets), config or Config(), target_loss, id_key
+        self.targets, self.config = dict(targets), config or Config()
+        self.target_loss, self.id_key = target_loss, id_key
         self.store, self.run_id, self.overwrite = store, run_id, overwrite
         self.attributor: Optional[Attributor] = None
         self.last = None  # the StepResult of the latest step

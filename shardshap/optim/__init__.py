@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .adam import AdamRule
 from ..errors import UnsupportedOptimizer
-from .base import UpdateRule, StepMap
+from .adam import AdamRule
+from .base import StepMap, UpdateRule
 from .sgd import SGDRule
 
 UPDATE_RULES: dict[type, UpdateRule] = {

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from ..errors import UnsupportedOptimizer
-from .base import UpdateRule, StepMap, scalar
+from .base import StepMap, UpdateRule, scalar
 
 
 def adamw_secant(g, m, v, theta, lr, b1, b2, eps, wd, bc1, bc2, sign):
@@ -65,11 +65,11 @@ def compiled_adamw_secant():
         if not failed:
             try:
                 return fused(g, m, v, theta, _hyper_tensor(hyper, g.dtype, g.device))
-            except Exception as err:  # any compiler failure falls back to the same math
+            except Exception as err:  # noqa: BLE001  (any compiler failure falls back to the same math)
                 failed = True
                 warnings.warn(f"Config.compile_math: torch.compile failed ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}); using the eager "
-                              "secant math (same values, slower).")
+                              "secant math (same values, slower).", stacklevel=2)
         d0, slope = adamw_secant(g, m, v, theta, *hyper)
         return d0, slope, None
     return run

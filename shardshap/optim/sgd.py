@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import UpdateRule, StepMap, scalar
+from .base import StepMap, UpdateRule, scalar
 
 
 class SGDRule(UpdateRule):

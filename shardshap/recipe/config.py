@@ -59,7 +59,8 @@ class DataConfig(_Section):
     packing: Literal["pad", "pack"] = Field("pad", description="pad: one document per sequence (a longer one "
                                             "is split into seq_len chunks); pack: documents concatenated")
     truncate: bool = Field(False, description="pad only: keep just the first seq_len tokens of a document")
-    tokenizer: str = Field("bytes", description="'bytes' (built-in, 256 bytes + 1 special) or a local HF tokenizer folder")
+    tokenizer: str = Field("bytes",
+                           description="'bytes' (built-in, 256 bytes + 1 special) or a local HF tokenizer folder")
     validation: dict[str, Union[str, list[str]]] = Field(default_factory=dict)
     val_sequences: int = Field(8, gt=0, description="first sequences of each validation set used as its target")
     keep: Optional[str] = Field(None, description="index list written by `shardshap select`: train on these ids only")

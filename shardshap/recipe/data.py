@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..analysis.manifest import default_path as manifest_path, write_manifest
+from ..analysis.manifest import default_path as manifest_path
+from ..analysis.manifest import write_manifest
 from ..config import ConfigError
 
 TEXT_SUFFIXES = (".txt", ".md")

@@ -16,7 +16,8 @@ def hf_config(cfg, vocab_size: int, pad_id: int):
     m, T = cfg.model, cfg.data.seq_len
     vocab = m.vocab_size or vocab_size
     if vocab < vocab_size:
-        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {vocab_size}; raise it or remove it")
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {vocab_size}; raise it or "
+                          "remove it")
     positions = m.max_positions or T
     if positions < T:
         raise ConfigError(f"model.max_positions={positions} is below data.seq_len={T}; raise it or remove it")

@@ -53,7 +53,8 @@ def _lm_losses(model, ids, mask):
     """Per-sequence mean next-token loss over real (unmasked) positions."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     tgt = ids[:, 1:]
-    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(torch.float64 if logits.dtype == torch.float64 else torch.float32),
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(work),
                           tgt.reshape(-1), reduction="none").view(tgt.shape)
     m = mask[:, 1:].to(tok.dtype)
     return (tok * m).sum(1) / m.sum(1).clamp(min=1)

@@ -160,6 +160,9 @@ def _cli(*args, cwd):
     return proc.stdout
 
 
+@pytest.mark.dist
+@pytest.mark.deepspeed
+@pytest.mark.slow
 def test_quickstart_pipeline_two_ranks(tmp_path):
     pytest.importorskip("deepspeed")
     per_domain, steps, gb = 48, 12, 16  # 144 sequences; 4 per micro-batch x 2 micro-batches x 2 ranks
@@ -200,6 +203,9 @@ def test_quickstart_pipeline_two_ranks(tmp_path):
     assert np.isin(seen, keep).all(), f"the retrained run saw dropped ids {np.setdiff1d(seen, keep)[:5]}"
 
 
+@pytest.mark.dist
+@pytest.mark.deepspeed
+@pytest.mark.slow
 def test_bf16_under_deepspeed_matches_fp32(tmp_path):
     """DeepSpeed ZeRO-2 with bf16 on 2 ranks (bf16 model, bf16 gradient reduction, fp32 master weights): the
     run completes (the completeness check allows for bf16 rounding) and each step's values follow the fp32
@@ -230,6 +236,7 @@ def test_verify_command_against_the_oracle(tmp_path, capsys):
     """`shardshap verify` on a small config: the secant estimator's values follow the exact Shapley values of
     the real AdamW step (R >= 0.99), and the SGD proxy is reported beside it."""
     import yaml
+
     from shardshap import cli
     cfg = tiny(tmp_path)
     path = tmp_path / "cfg.yaml"

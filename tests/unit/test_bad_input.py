@@ -11,8 +11,14 @@ import zarr
 
 import shardshap
 from shardshap import Config
-from shardshap.errors import (AttributionError, BatchShapeError, ConfigError, ShardshapError, StoreError,
-                              UnsupportedOptimizer)
+from shardshap.errors import (
+    AttributionError,
+    BatchShapeError,
+    ConfigError,
+    ShardshapError,
+    StoreError,
+    UnsupportedOptimizer,
+)
 from shardshap.testing import cases
 
 N = 1797  # sample ids index the digits data set

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardshap.testing import cases
 import shardshap
 from shardshap import AttributionError, Config, ConfigError, UnsupportedModule, UnsupportedOptimizer
+from shardshap.testing import cases
 
 
 @pytest.fixture
@@ -92,7 +92,8 @@ def test_micro_batch_list_mismatch(setup):
 def test_unsupported_optimizer():
     case = cases.digits_mlp()
     opt = torch.optim.RMSprop(case.model.parameters())
-    with pytest.raises(UnsupportedOptimizer, match=r"no update rule for optimizer torch.optim.rmsprop.RMSprop.*supported"):
+    with pytest.raises(UnsupportedOptimizer,
+                       match=r"no update rule for optimizer torch.optim.rmsprop.RMSprop.*supported"):
         shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss)
     sgd = torch.optim.SGD(case.model.parameters(), lr=0.1)
     with pytest.raises(UnsupportedOptimizer, match="adam-lagged.*needs torch.optim.Adam or AdamW"):

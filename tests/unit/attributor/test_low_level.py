@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from shardshap.testing import cases
 import shardshap
+from shardshap.testing import cases
 from shardshap.testing.references import assert_same
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from shardshap.testing import cases
 import shardshap
 from shardshap.store import open_scores
+from shardshap.testing import cases
 
 N = 1797  # the digits data set; the case's sample ids index it
 CFG = dict(num_samples=N, target_names=["even", "odd"], max_grad_norm=1.0)

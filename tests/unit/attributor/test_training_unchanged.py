@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from shardshap.testing import cases
-from shardshap.testing.references import assert_same, plain_step
 import shardshap
 from shardshap.estimators import ESTIMATORS
+from shardshap.testing import cases
+from shardshap.testing.references import assert_same, plain_step
 
 
 def split(batch, ids, parts):

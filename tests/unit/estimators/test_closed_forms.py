@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from shardshap.testing import cases
 import shardshap
 from shardshap import oracle
+from shardshap.testing import cases
 
 
 def warm(case, opt, steps):

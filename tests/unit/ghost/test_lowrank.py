@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from shardshap.testing import cases
 import shardshap
 from shardshap.ghost import Capture, plan
 from shardshap.ghost.linear import matrix_products
 from shardshap.ghost.lowrank import MIN_ENERGY, factorize, lowrank_products
+from shardshap.testing import cases
 from shardshap.testing.references import assert_same, plain_step
 
 DT = torch.float64

@@ -4,9 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardshap.testing import cases
 from shardshap.ghost import Capture, UnsupportedModule, plan
-
+from shardshap.testing import cases
 
 
 @pytest.fixture(autouse=True)

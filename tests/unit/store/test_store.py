@@ -322,6 +322,7 @@ def _check_totals_and_log(path, world, steps):
     assert not list(Path(path).rglob("*.partial"))
 
 
+@pytest.mark.dist
 def test_four_processes_write_one_store_concurrently(tmp_path):
     path = tmp_path / "s.zarr"
     codes = _launch(path, 4, "--steps", 30)
@@ -332,6 +333,7 @@ def test_four_processes_write_one_store_concurrently(tmp_path):
     assert s.attrs["max_global_batch"] == 4 * sw.SPR
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("resume_via", ["arg", "state"])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, resume_via):
     """Every rank is SIGKILLed at a different step (after different checkpoints, chunks possibly
@@ -380,6 +382,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, resume_via):
     _check_totals_and_log(path, world, steps)
 
 
+@pytest.mark.dist
 def test_mpiexec_writers_and_mpi_reduce(tmp_path):
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():

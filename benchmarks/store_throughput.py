@@ -2,13 +2,17 @@
 
     python benchmarks/store_throughput.py                     # 100 M scores (the documented run)
     python benchmarks/store_throughput.py --scores 25e6       # shorter log: same reduce memory
+    python benchmarks/store_throughput.py --flush-only        # only flush() vs flush(durable=True)
 
 Write throughput counts scores (slots x targets) per second from the first write_step to the end
 of flush() (everything handed to the OS), in one rank with its background writer thread, and
 again including an os.sync() (everything on the device). Reduce runs
 `reduce_store` in a separate process with --processes workers; its peak memory is the largest
-sum of resident sets of that process and its workers, sampled from /proc every 50 ms. Then the measured rates are projected to a 1-billion-sample,
-4-target run.
+sum of resident sets of that process and its workers, sampled from /proc every 50 ms. Then the
+measured rates are projected to a 1-billion-sample, 4-target run.
+
+The flush section writes the same synthetic log twice, calling flush() every --flush-every steps
+(a checkpoint cadence) in one store and flush(durable=True) in the other, and times each call.
 """
 
 from __future__ import annotations
@@ -57,6 +61,42 @@ def write_log(path, scores: int, samples: int, slots: int, targets: int):
     os.sync()  # to the device: what a sustained run must also keep up with
     synced = time.perf_counter() - t0
     return steps * slots * targets, elapsed, synced, lat, w.layout
+
+
+def flush_cost(root, steps: int, every: int, samples: int, slots: int, targets: int) -> dict:
+    """Seconds of each flush call, {durable: [s, ...]}, with the same log and cadence for both kinds."""
+    rng = np.random.default_rng(0)
+    pool = (rng.standard_t(3, size=(64, slots, targets)) * 1e-4).astype(np.float32)
+    loss = rng.random((64, slots)).astype(np.float32)
+    perm = rng.permutation(samples)
+    out = {}
+    for durable in (False, True):
+        os.sync()  # start both with a clean page cache writeback
+        w = ScoreWriter(Path(root) / f"flush-{durable}.zarr", run_id="bench", config={},
+                        targets=[f"t{k}" for k in range(targets)], num_samples=samples, slots_per_rank=slots,
+                        max_steps=steps, overwrite=True, reduce_on_close=False)
+        times = []
+        for t in range(steps):
+            start = (t * slots) % (samples - slots)
+            w.write_step(t, perm[start:start + slots], pool[t % 64], loss[t % 64], lr=1e-3, loss=1.0)
+            if (t + 1) % every == 0:
+                c0 = time.perf_counter()
+                w.flush(durable=durable)
+                times.append(time.perf_counter() - c0)
+        out[durable] = (times, w.layout.steps_per_chunk)
+        w.close()
+    return out
+
+
+def print_flush_cost(root, a):
+    res = flush_cost(root, a.flush_steps, a.flush_every, a.samples, a.slots, a.targets)
+    chunk = res[False][1]
+    print(f"\nflush cost: a flush every {a.flush_every} steps of {a.slots} slots x {a.targets} targets, "
+          f"{a.flush_steps} steps ({len(res[False][0])} flushes each; chunk rows of {chunk} steps)\n")
+    print("| flush | median ms | mean ms | max ms |\n|---|---|---|---|")
+    for durable, label in ((False, "flush()"), (True, "flush(durable=True)")):
+        t = np.array(res[durable][0]) * 1e3
+        print(f"| {label} | {np.median(t):.1f} | {t.mean():.1f} | {t.max():.1f} |")
 
 
 def _tree_rss(pid: int) -> int:
@@ -109,9 +149,17 @@ def main():
     ap.add_argument("--memory-mb", type=int, default=128, help="reduce accumulator budget per worker")
     ap.add_argument("--dir", default=None, help="where to put the store (default: a temp dir)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--flush-only", action="store_true", help="only the flush() vs flush(durable=True) section")
+    ap.add_argument("--flush-every", type=int, default=100, help="steps between flushes (checkpoint cadence)")
+    ap.add_argument("--flush-steps", type=int, default=2000, help="steps written in each flush run")
     a = ap.parse_args()
 
     root = Path(a.dir or tempfile.mkdtemp(prefix="shardshap-bench-"))
+    if a.flush_only:
+        print_flush_cost(root, a)
+        if not a.keep and a.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+        return
     path = root / "bench.zarr"
     n, w_s, w_sync, lat, layout = write_log(path, int(a.scores), a.samples, a.slots, a.targets)
     write_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -123,7 +171,8 @@ def main():
     raw_per_score = 4 + (8 + 4) / a.targets  # float32 score + int64 id and float32 loss per slot
     ratio = n * raw_per_score / log_bytes
     rows = [
-        ("scores written", f"{n / 1e6:.1f} M ({n // (a.slots * a.targets)} steps x {a.slots} slots x {a.targets} targets)"),
+        ("scores written",
+         f"{n / 1e6:.1f} M ({n // (a.slots * a.targets)} steps x {a.slots} slots x {a.targets} targets)"),
         ("write throughput (flushed to the OS)", f"{n / w_s / 1e6:.1f} M scores/s ({w_s:.2f} s)"),
         ("write throughput incl. os.sync() to the device", f"{n / w_sync / 1e6:.1f} M scores/s ({w_sync:.2f} s)"),
         ("write_step call, median / p99 / max", f"{np.median(lat) * 1e6:.0f} us / "
@@ -157,6 +206,7 @@ def main():
     print(f"| reduce temporary spill | {spill / 1e9:.0f} GB |")
     print(f"| reduce memory per worker | ~{a.memory_mb} MiB accumulator + one log chunk; "
           f"{int(np.ceil(N * (K * 8 + 16) / (a.memory_mb << 20)))} sample blocks |")
+    print_flush_cost(root, a)
     if not a.keep and a.dir is None:
         shutil.rmtree(root, ignore_errors=True)
 

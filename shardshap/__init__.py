@@ -7,7 +7,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Attributor": "attributor", "SIGN_CONVENTION": "store.schema", "StepResult": "attributor",
+    "Attributor": "attributor", "SIGN_CONVENTION": "store.schema", "StepResult": "types",
     "Config": "config", "open_scores": "store", "init_distributed": "backends", "shutdown": "backends",
     **{name: "errors" for name in (
         "ShardshapError", "AttributionError", "BatchShapeError", "ConfigError", "UnsupportedModule",

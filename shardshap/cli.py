@@ -9,29 +9,56 @@
     shardshap verify --config C.yaml        estimators vs exact Shapley values on a few steps of C's model
 
 Add --json for machine-readable output. The corpus manifest (domains, snippets) is read from
-RUN.zarr.manifest.jsonl, or --manifest PATH.
+RUN.zarr.manifest.jsonl, or --manifest PATH. Errors are one line on stderr: exit code 2 for a bad
+flag value, 1 for anything else.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 
 import numpy as np
 
-from .errors import ShardshapError
+from .errors import ConfigError, ShardshapError, StaleTotalsError, StoreError
 
 
 class CLIError(ShardshapError):
     """An error to report in one line (no traceback unless --debug)."""
 
 
+class UsageError(CLIError):
+    """A flag value that can never work (exit code 2, like argparse's own usage errors)."""
+
+
+def _check_flags(args):
+    """Reject flag values that cannot work before anything is read, naming the flag and the fix."""
+    def need(flag, ok, what, example):
+        if not ok:
+            raise UsageError(f"{flag} {getattr(args, flag.lstrip('-').replace('-', '_'))}: {what}; "
+                             f"pass e.g. {flag} {example}")
+
+    if args.command in ("report", "top"):
+        need("-k", args.k >= 1, "must be a positive integer (how many samples to list)", 10)
+    if args.command == "select":
+        need("--fraction", 0 < args.fraction < 1, "must be in (0, 1), the share of the seen samples "
+             "that drop-lowest drops", 0.1)
+    if args.command == "reduce" and args.processes is not None:
+        need("--processes", args.processes >= 1, "must be at least 1 (worker processes)", 2)
+    if args.command == "verify":
+        need("--warm-steps", args.warm_steps >= 0, "must be 0 or more (plain steps before the checks)", 12)
+        need("--checks", args.checks >= 1, "must be at least 1 (steps compared with the oracle)", 2)
+        need("--batch", 2 <= args.batch <= 16, "must be in [2, 16]: the oracle replays the real optimizer "
+             "step for every coalition (<= 12 is exact)", 8)
+        need("--permutations", args.permutations >= 1, "must be at least 1 (Monte Carlo permutations)", 400)
+
+
 def _open(args):
-    from .store import StaleTotalsError, StoreFormatError, open_scores
-    import os
+    from .store import open_scores
     if not os.path.exists(args.store):
-        raise CLIError(f"no store at {args.store!r}")
+        raise CLIError(f"no store at {args.store!r}: check the path (the directory the run wrote, e.g. RUN.zarr)")
     try:
         scores = open_scores(args.store)
         if args.command not in ("info", "reduce"):
@@ -39,7 +66,7 @@ def _open(args):
     except StaleTotalsError:
         raise CLIError(f"the totals of {args.store} are stale (the run did not close cleanly): run "
                        f"'shardshap reduce {args.store}' first") from None
-    except (StoreFormatError, FileNotFoundError, KeyError, ValueError) as err:
+    except StoreError as err:  # the store's own errors only: anything else is a bug, shown as one
         raise CLIError(f"{args.store} is not a readable shardshap store: {err}") from None
     return scores
 
@@ -48,11 +75,11 @@ def _manifest(args, scores):
     from .analysis import read_manifest
     from .analysis.manifest import default_path
     path = args.manifest or default_path(args.store)
-    if args.manifest and not __import__("os").path.exists(path):
-        raise CLIError(f"no manifest at {path!r}")
+    if args.manifest and not os.path.exists(path):
+        raise CLIError(f"no manifest at {path!r}: pass --manifest the JSONL file the run wrote, or leave it out")
     try:
         return read_manifest(path, scores.layout.num_samples)
-    except ValueError as err:
+    except StoreError as err:
         raise CLIError(str(err)) from None
 
 
@@ -165,9 +192,13 @@ def cmd_select(args):
     scores = _open(args)
     try:
         keep = select_keep(scores.value, scores.count, args.rule, _target_index(scores, args.target), args.fraction)
-    except ValueError as err:
+    except ConfigError as err:
         raise CLIError(str(err)) from None
-    np.savetxt(args.output, keep, fmt="%d")
+    try:
+        np.savetxt(args.output, keep, fmt="%d")
+    except OSError as err:
+        raise CLIError(f"cannot write {args.output!r} ({err.strerror or err}): pass -o a file in an existing, "
+                       "writable directory") from None
     summary = {"kept": int(len(keep)), "dropped": int(len(scores.count) - len(keep)), "output": args.output,
                "rule": args.rule}
     print(json.dumps(summary) if args.json else
@@ -177,6 +208,11 @@ def cmd_select(args):
 def cmd_plot(args):
     from .analysis.plots import write_plots
     scores = _open(args)
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"cannot create the folder {args.output!r} ({err.strerror or err}): pass -o a new or "
+                       "existing folder") from None
     paths = write_plots(scores, _manifest(args, scores), args.output)
     print(json.dumps(paths) if args.json else "\n".join(paths))
 
@@ -189,16 +225,12 @@ def cmd_reduce(args):
 
 
 def cmd_verify(args):
-    from .config import ConfigError
     from .recipe.config import load_config
     from .recipe.verify import verify
     try:
         cfg = load_config(args.config, args.set)
     except (ConfigError, FileNotFoundError) as err:
         raise CLIError(str(err)) from None
-    if args.batch > 16:
-        raise CLIError(f"--batch {args.batch}: the oracle replays the real optimizer step for every coalition; "
-                       "keep it at 16 or below (<= 12 is exact)")
     rows, info = verify(cfg, warm_steps=args.warm_steps, checks=args.checks, batch=args.batch, dtype=args.dtype,
                         permutations=args.permutations, progress=not args.json)
     if args.json:
@@ -258,13 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_flags(args)
         args.fn(args)
         return 0
     except CLIError as err:
         if args.debug:
             raise
         print(f"shardshap {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, UsageError) else 1
     except Exception as err:  # noqa: BLE001  (one line for users; --debug shows where)
         if args.debug:
             raise

@@ -23,7 +23,6 @@ UTILITIES = ("true", "taylor1", "taylor2")
 @dataclass
 class OracleResult:
     shapley: torch.Tensor        # [n, K] Shapley values (exact, or Monte Carlo when `exact` is False)
-    loo: torch.Tensor            # [n, K] leave-one-out values U(B) - U(B without i)
     utility_full: torch.Tensor   # [K] U(B)
     utility_empty: torch.Tensor  # [K] U(empty): what momentum and weight decay alone do
     exact: bool
@@ -158,7 +157,6 @@ def shapley(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 count += 1
         phi /= count
         exact = False
-    loo = np.stack([U(full_mask) - U(full_mask & ~(1 << i)) for i in range(n)])
     as_t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float64)
-    return OracleResult(shapley=as_t(phi), loo=as_t(loo), utility_full=as_t(U(full_mask)),
+    return OracleResult(shapley=as_t(phi), utility_full=as_t(U(full_mask)),
                         utility_empty=as_t(U(0)), exact=exact, evaluations=len(cache))

@@ -41,21 +41,29 @@ def read_manifest(path: str, num_samples: int) -> Optional[Manifest]:
     """None if there is no manifest; a clear error naming the line if it is malformed."""
     if not path or not os.path.exists(path):
         return None
+    if not os.path.isfile(path):
+        raise StoreError(f"{path}: the manifest is not a file; pass the JSONL file the run wrote")
     domain = np.full(num_samples, "", dtype=object)
     text = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                i = int(row["id"])
-            except (ValueError, KeyError, TypeError) as err:
-                raise StoreError(f"{path}:{n}: not a manifest row ({err}); expected "
-                                 '{"id": int, "domain": str, "text": str}') from None
-            if not 0 <= i < num_samples:
-                raise StoreError(f"{path}:{n}: id {i} outside the store's [0, {num_samples})")
-            domain[i] = str(row.get("domain", ""))
-            if "text" in row:
-                text[i] = row["text"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):  # streamed: a manifest may have a billion rows
+                if line.strip():
+                    _read_row(path, n, line, num_samples, domain, text)
+    except UnicodeDecodeError:
+        raise StoreError(f"{path}: the manifest is not UTF-8 text; pass the JSONL manifest the run wrote") from None
     return Manifest(domain.astype(str), text)
+
+
+def _read_row(path, n, line, num_samples, domain, text):
+    try:
+        row = json.loads(line)
+        i = int(row["id"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise StoreError(f"{path}:{n}: not a manifest row ({err}); expected "
+                         '{"id": int, "domain": str, "text": str}') from None
+    if not 0 <= i < num_samples:
+        raise StoreError(f"{path}:{n}: id {i} outside the store's [0, {num_samples})")
+    domain[i] = str(row.get("domain", ""))
+    if "text" in row:
+        text[i] = row["text"]

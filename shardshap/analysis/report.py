@@ -28,12 +28,13 @@ def auroc(score: np.ndarray, positive: np.ndarray) -> float:
 
 def step_blocks(scores, names=("sample_id", "score", "sample_loss")):
     """Yield (first_step, {name: array}) over the committed part of the log, one chunk row at a time
-    (bounded memory whatever the run length)."""
-    n = scores.num_steps
+    (bounded memory whatever the run length). Slots of a rank beyond its committed step (left by a
+    crashed rank) read as missing, as in `ScoreStore.step_log` and reduce."""
+    committed = scores.committed_steps  # one snapshot: a live writer may commit meanwhile
+    n = int(committed.max()) + 1
     per = scores.layout.steps_per_chunk
     for lo in range(0, n, per):
-        hi = min(n, lo + per)
-        yield lo, {name: scores.group[name][lo:hi] for name in names}
+        yield lo, scores.read_steps(lo, min(n, lo + per), names, committed=committed)
 
 
 def mean_sample_loss(scores) -> np.ndarray:

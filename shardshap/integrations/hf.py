@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from contextlib import ExitStack
 from typing import Callable, Optional
 
 import torch
@@ -60,7 +61,9 @@ class ShardshapCallback(TrainerCallback):
         self.store, self.run_id, self.overwrite = store, run_id, overwrite
         self.attributor: Optional[Attributor] = None
         self.last = None  # the StepResult of the latest step
-        self._hooks, self._open = [], None  # _open: the record() of the forward in progress
+        self._hooks = []
+        self._open: Optional[ExitStack] = None  # the attributor.record() of the forward in progress
+        self._rec = None  # its Recording
         self._in_target_pass = False
 
     # ------------------------------------------------------------------ Trainer events
@@ -113,8 +116,10 @@ class ShardshapCallback(TrainerCallback):
             raise AttributionError(
                 f"a training batch has no {self.id_key!r}: add the column (each row's index in the training set) "
                 "and set TrainingArguments(remove_unused_columns=False) so that it reaches the model")
-        self._open = self.attributor.record(torch.as_tensor(ids).reshape(-1))
-        self._rec = self._open.__enter__()
+        if self._open is not None:  # the previous training forward raised: drop what it recorded
+            self._open.__exit__(AttributionError, AttributionError("the previous training forward failed"), None)
+        self._open = ExitStack()
+        self._rec = self._open.enter_context(self.attributor.record(torch.as_tensor(ids).reshape(-1)))
         return args, kwargs
 
     def _after_forward(self, module, args, kwargs, output):
@@ -123,6 +128,6 @@ class ShardshapCallback(TrainerCallback):
         logits, labels = getattr(output, "logits", None), kwargs.get("labels")
         if logits is not None and labels is not None:
             self._rec.sample_loss = per_sample_loss(logits, labels)
-        self._open.__exit__(None, None, None)  # the hooks on the outputs still catch the backward that follows
-        self._open = None
+        self._open.close()  # the hooks on the outputs still catch the backward that follows
+        self._open, self._rec = None, None
         return None

@@ -12,11 +12,21 @@ from . import schema
 from .schema import COMMITTED, Layout
 
 
+def uncommitted_slots(layout: Layout, committed, steps) -> np.ndarray:
+    """[len(steps), num_slots] bool: True where the slot's rank had not committed the step. Such slots
+    hold what a killed writer left (or nothing) and never count, as in reduce."""
+    rank = np.arange(layout.num_slots) // layout.slots_per_rank
+    return np.asarray(steps)[:, None] > np.asarray(committed)[rank][None, :]
+
+
 class ScoreStore:
     """Read-only view of a store written by ScoreWriter (any number of ranks)."""
 
     def __init__(self, path):
-        self.path = os.fspath(path)
+        try:
+            self.path = os.fspath(path)
+        except TypeError:
+            raise schema.StoreError(f"the store path must be a str or os.PathLike, got {path!r}") from None
         self.group = schema.read_group(self.path, mode="r")
         self.attrs: dict = self.group.attrs.asdict()
         self.layout = Layout.from_attrs(self.attrs)
@@ -73,11 +83,25 @@ class ScoreStore:
         ds = ds.assign_coords(step=np.arange(ds.sizes["step"]), rank=("slot", rank))
         committed = self.committed_steps
         if ds.sizes["step"] and committed.min() < committed.max():
-            ok = xr.DataArray(ds["step"].values[:, None] <= committed[rank][None, :],
-                              dims=("step", "slot"))
+            ok = xr.DataArray(~uncommitted_slots(L, committed, ds["step"].values), dims=("step", "slot"))
             for n in schema.SLOT_ARRAYS:
                 ds[n] = ds[n].where(ok, schema.FILL[n])
         return ds
+
+    def read_steps(self, lo: int, hi: int, names=schema.SLOT_ARRAYS, committed=None) -> dict:
+        """Steps [lo, hi) of log arrays as numpy, uncommitted slots set to missing (as in step_log).
+
+        `committed`: the per-rank committed steps to mask with (default: read now); pass one snapshot
+        when reading the log in several pieces."""
+        committed = self.committed_steps if committed is None else np.asarray(committed)
+        hi = min(hi, self.layout.max_steps)
+        out = {name: schema.open_array(self.group, name)[lo:hi] for name in names}
+        stale = uncommitted_slots(self.layout, committed, np.arange(lo, hi))
+        if stale.any():
+            for name in names:
+                if name in schema.SLOT_ARRAYS:
+                    out[name][stale] = schema.FILL[name]
+        return out
 
     def reduce(self, processes: int | None = None, **kw) -> dict:
         """Rebuild value/count from the log (see reduce_store) and refresh this view."""

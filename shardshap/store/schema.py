@@ -202,6 +202,12 @@ def canonical_json(obj) -> str:
 def read_group(path, mode: str = "r") -> zarr.Group:
     """Open the store's group, turning every kind of missing/corrupted metadata into a clear error."""
     p = Path(path)
+    if not p.exists():
+        raise StoreFormatError(f"no score store at {os.fspath(p)!r}: the path does not exist. Check the "
+                               "path (a store is the directory the writer created, e.g. RUN.zarr).")
+    if not p.is_dir():
+        raise StoreFormatError(f"{os.fspath(p)!r} is a file, not a shardshap score store (a store is a "
+                               "directory, e.g. RUN.zarr). Point to the store directory.")
     if not (p / "zarr.json").exists():
         raise StoreFormatError(
             f"{os.fspath(p)!r} is not a shardshap score store: no zarr.json group metadata "
@@ -211,6 +217,8 @@ def read_group(path, mode: str = "r") -> zarr.Group:
     try:
         g = zarr.open_group(os.fspath(p), mode=mode)
         attrs = g.attrs.asdict()
+    except PermissionError as e:
+        raise StoreFormatError(f"cannot read the store {os.fspath(p)!r}: {e}; check its permissions") from e
     except Exception as e:  # zarr raises several types for unparseable JSON
         raise StoreFormatError(
             f"cannot read the group metadata of {os.fspath(p)!r} ({type(e).__name__}: {e}); "

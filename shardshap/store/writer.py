@@ -9,11 +9,11 @@ and written whole by a background thread; a training step only copies its scores
 from __future__ import annotations
 
 import json
+import operator
 import os
 import queue
 import shutil
 import threading
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +34,23 @@ def _fsync(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _numpy(x, dtype=None) -> np.ndarray:
+def _numpy(x, dtype=None, name="input") -> np.ndarray:
     """Array from numpy, lists or torch tensors (any device) without importing torch."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
+    try:
+        return np.asarray(x, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"{name} must be numbers (a list, numpy array or tensor), got {type(x).__name__}: "
+                         f"{e}") from e
+
+
+def _int(name: str, value) -> int:
+    """An integer argument (numpy and torch integers too); floats, strings and None are refused."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise StoreError(f"{name} must be an integer, got {value!r}") from None
 
 
 @dataclass
@@ -66,9 +78,10 @@ class ScoreWriter:
     """Writes one rank's share of the per-step score log of a run (see docs/store.md).
 
     Rank 0 creates the store (or validates an existing one of the same run), then all ranks meet
-    at `barrier`. Steps must be written in increasing order. `flush()` makes everything written so
-    far durable and records this rank's last durable step; `close()` flushes and, by default,
-    rebuilds the per-sample totals with all ranks taking part.
+    at `barrier`. Steps must be written in increasing order. `flush()` writes everything so far and
+    records this rank's last committed step (safe against a crash of the process; `flush(durable=True)`
+    also fsyncs, against power loss); `close()` flushes and, by default, rebuilds the per-sample totals
+    with all ranks taking part. Errors are StoreError subclasses (shardshap.errors, docs/store.md).
 
     Options beyond the core interface:
       max_steps: pre-allocated step extent (arrays are never resized); writing beyond it is an error.
@@ -106,11 +119,20 @@ class ScoreWriter:
         reduce_processes: int = 1,
         reduce_memory_bytes: int | None = None,
     ):
-        self.path = os.fspath(path)
-        self.rank, self.world_size = int(rank), int(world_size)
+        try:
+            self.path = os.fspath(path)
+        except TypeError:
+            raise StoreError(f"the store path must be a str or os.PathLike, got {path!r}") from None
+        self.rank, self.world_size = _int("rank", rank), _int("world_size", world_size)
+        if isinstance(targets, str) or not hasattr(targets, "__iter__"):
+            raise StoreError(f"targets must be a list of names, got {targets!r}")
         targets = [str(t) for t in targets]
+        num_samples, slots_per_rank = _int("num_samples", num_samples), _int("slots_per_rank", slots_per_rank)
+        max_steps, total_chunk_rows = _int("max_steps", max_steps), _int("total_chunk_rows", total_chunk_rows)
+        if steps_per_chunk is not None:
+            steps_per_chunk = _int("steps_per_chunk", steps_per_chunk)
         self._check_args(run_id, targets, num_samples, slots_per_rank, barrier, max_steps,
-                         steps_per_chunk)
+                         steps_per_chunk, total_chunk_rows)
         self._barrier = barrier if barrier is not None else (lambda: None)
         self.run_id = str(run_id)
         self.targets = targets
@@ -119,9 +141,9 @@ class ScoreWriter:
         self.reduce_memory_bytes = reduce_memory_bytes
         if steps_per_chunk is None:
             steps_per_chunk = schema.choose_steps_per_chunk(slots_per_rank, len(targets), max_steps)
-        max_steps = -(-int(max_steps) // steps_per_chunk) * steps_per_chunk  # whole chunk rows
-        self.layout = Layout(int(num_samples), len(targets), self.world_size, int(slots_per_rank),
-                             int(steps_per_chunk), max_steps, int(total_chunk_rows))
+        max_steps = -(-max_steps // steps_per_chunk) * steps_per_chunk  # whole chunk rows
+        self.layout = Layout(num_samples, len(targets), self.world_size, slots_per_rank, steps_per_chunk,
+                             max_steps, total_chunk_rows)
         identity = {
             "format": schema.FORMAT_NAME,
             "format_version": schema.FORMAT_VERSION,
@@ -131,6 +153,10 @@ class ScoreWriter:
             **self.layout.to_attrs(),
         }
 
+        if resume_step is not None:  # checked before the store is touched
+            resume_step = _int("resume_step", resume_step)
+            if not 0 <= resume_step <= max_steps:
+                raise StoreError(f"resume_step {resume_step} outside [0, max_steps={max_steps}]")
         if self.rank == 0:
             self._prepare_store(identity, metadata or {}, compressor, totals_compressor, overwrite)
         self._barrier()  # the store exists and is valid from here on
@@ -144,7 +170,8 @@ class ScoreWriter:
         self._buf: _Block | None = None
         self._last_step: int | None = None  # last step given to write_step
         self._before_last: int | None = None  # the one before it (retract)
-        self._durable_mark = 0.0  # mtime from which files still need an fsync (flush(durable=True))
+        self._unsynced: set[str] = set()  # files this rank wrote since the last durable flush
+        self._synced_all = False  # the first durable flush syncs the whole store (its metadata too)
         self._resumed = False
         self._closed = False
         self._error: BaseException | None = None
@@ -153,39 +180,50 @@ class ScoreWriter:
                                         daemon=True)
         self._thread.start()
         if resume_step is not None:
-            self._resume(int(resume_step))
+            try:
+                self._resume(resume_step)
+            except BaseException:
+                self._closed = True
+                self._queue.put(None)  # do not leave the thread behind
+                raise
 
     # ------------------------------------------------------------------ setup
     def _check_args(self, run_id, targets, num_samples, slots_per_rank, barrier, max_steps,
-                    steps_per_chunk):
+                    steps_per_chunk, total_chunk_rows):
+        if not self.path:
+            raise StoreError("the store path is empty; pass a directory path such as 'run.zarr'")
         if not run_id:
             raise StoreError("run_id must be a non-empty string that identifies the run")
         if not targets or len(set(targets)) != len(targets):
             raise StoreError(f"targets must be a non-empty list of distinct names, got {targets!r}")
-        if int(num_samples) <= 0:
+        if num_samples <= 0:
             raise StoreError(f"num_samples must be positive, got {num_samples}")
-        if int(slots_per_rank) <= 0:
+        if slots_per_rank <= 0:
             raise StoreError(f"slots_per_rank must be positive, got {slots_per_rank}")
         if not 0 <= self.rank < self.world_size:
             raise StoreError(f"rank {self.rank} is outside world_size {self.world_size}")
         if self.world_size > 1 and barrier is None:
             raise StoreError("world_size > 1 needs barrier= (e.g. torch.distributed.barrier): rank 0 "
                              "creates the store and the others must wait for it")
-        if int(max_steps) <= 0 or (steps_per_chunk is not None and int(steps_per_chunk) <= 0):
-            raise StoreError("max_steps and steps_per_chunk must be positive")
+        if max_steps <= 0 or (steps_per_chunk is not None and steps_per_chunk <= 0) or total_chunk_rows <= 0:
+            raise StoreError(f"max_steps, steps_per_chunk and total_chunk_rows must be positive, got "
+                             f"{max_steps}, {steps_per_chunk}, {total_chunk_rows}")
 
     def _prepare_store(self, identity: dict, metadata: dict, compressor, totals_compressor,
                        overwrite: bool):
         """Rank 0: create the store, or validate an existing one and invalidate its totals."""
         p = Path(self.path)
-        if p.exists() and overwrite:
-            if p.is_dir() and any(p.iterdir()) and not (
-                (p / "zarr.json").exists() or (p / "score").exists()
-            ):
-                raise StoreError(f"refusing to overwrite {self.path!r}: it is a non-empty directory "
-                                 "that does not look like a score store")
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        if p.exists():
+        if p.exists() and not p.is_dir():  # a store is always a directory: never delete a user's file
+            raise StoreError(f"{self.path!r} is an existing file, not a score store (a store is a directory); "
+                             "pass a new path such as 'run.zarr', or move the file away")
+        empty = not p.exists() or not any(p.iterdir())  # an empty directory is as good as a new path
+        if not empty and not ((p / "zarr.json").exists() or (p / "score").exists()):
+            raise StoreError(f"{self.path!r} is a non-empty directory that does not look like a score store (no "
+                             f"zarr.json): refusing to {'overwrite' if overwrite else 'write into'} it; pass a new "
+                             "or empty directory")
+        if not empty and overwrite:
+            shutil.rmtree(p)
+        elif not empty:
             schema.sweep_partials(p)
             group = schema.read_group(p, mode="r+")
             self._check_identity(group.attrs.asdict(), identity, hint=True)
@@ -201,6 +239,13 @@ class ScoreWriter:
             "library_versions": schema.library_versions(),
             "totals": None,
         }
+        try:
+            self._create(attrs, compressor, totals_compressor)
+        except OSError as err:
+            raise StoreWriteError(f"cannot create the store at {self.path!r}: {err}. Check that the parent "
+                                  "directory exists as a directory and is writable") from err
+
+    def _create(self, attrs: dict, compressor, totals_compressor):
         group = zarr.open_group(self.path, mode="w-", attributes=attrs)
         log_codec = schema.default_compressor() if compressor == "default" else compressor
         totals_codec = (schema.default_totals_compressor() if totals_compressor == "default"
@@ -238,12 +283,21 @@ class ScoreWriter:
             warnings.warn(f"rank {self.rank}: the store holds steps only through {self._committed} "
                           f"but the run resumes at {t}; steps {self._committed + 1}..{t - 1} of this "
                           "rank are missing (was flush() called at the checkpoint?)", stacklevel=3)
+        try:
+            self._clear_from(t)
+        except OSError as err:
+            raise StoreWriteError(f"resuming the store {self.path!r} at step {t} failed: {err}; fix the cause "
+                                  "(disk space, permissions) and resume again") from err
+        self._resumed = True
+
+    def _clear_from(self, t: int):
         a, c = self._arrays, self.layout.steps_per_chunk
         stale = max(self._committed, self._hwm)  # last step any chunk of ours may hold
         # First forget the stale steps (a crash from here on can no longer make them count) ...
         if self._committed > t - 1:
-            self._committed = t - 1
             a[COMMITTED][self.rank:self.rank + 1] = np.array([t - 1])
+            self._note(COMMITTED, (self.rank,))
+            self._committed = t - 1
         # ... then rebuild the chunk row of step t from disk and overwrite every stale chunk row.
         row = t // c
         blk = _Block.empty(row, self.layout, with_steps=self.rank == 0)
@@ -261,8 +315,8 @@ class ScoreWriter:
                                   update_hwm=False)
             self._hwm = t - 1
             a[WRITTEN][self.rank:self.rank + 1] = np.array([t - 1])
+            self._note(WRITTEN, (self.rank,))
         self._buf = blk
-        self._resumed = True
 
     def state_dict(self) -> dict:
         """Flushes, then returns what a checkpoint needs to resume this writer."""
@@ -272,37 +326,40 @@ class ScoreWriter:
 
     def load_state_dict(self, sd: dict):
         """Resume at sd['next_step'] (steps >= it are rewritten); call before the first write_step."""
+        if not isinstance(sd, dict) or "next_step" not in sd:
+            raise StoreError(f"load_state_dict needs the dict that ScoreWriter.state_dict() returned (with "
+                             f"'next_step'), got {type(sd).__name__}")
         if sd.get("run_id") != self.run_id:
             raise StoreError(f"state_dict is of run {sd.get('run_id')!r}, this writer is {self.run_id!r}")
         if sd.get("world_size", self.world_size) != self.world_size:
             raise StoreError("state_dict was saved with another world_size; the store layout "
                              "depends on it")
-        self._resume(int(sd["next_step"]))
+        self._resume(_int("next_step", sd["next_step"]))
 
     # ------------------------------------------------------------------ writing
     def write_step(self, step: int, sample_ids, scores, sample_loss=None, *, lr=np.nan,
                    loss=np.nan, target_losses=None, residual=np.nan, wall_time=np.nan):
         """Buffer this rank's scores of one optimizer step; returns without waiting for the disk."""
         self._check_open()
-        step = int(step)
+        step = _int("step", step)
         L = self.layout
-        ids = _numpy(sample_ids)
+        ids = _numpy(sample_ids, name="sample_ids")
         if ids.ndim != 1:
             raise StoreError(f"sample_ids must be 1-D, got shape {ids.shape}")
         if ids.size and ids.dtype.kind not in "iu":
             raise StoreError(f"sample_ids must be integers, got dtype {ids.dtype}")
         ids = ids.astype(np.int64, copy=False)
         b = ids.size
-        sc = _numpy(scores, np.float32)
+        sc = _numpy(scores, np.float32, "scores")
         if sc.ndim == 1 and L.num_targets == 1:
             sc = sc[:, None]
         if sc.shape != (b, L.num_targets):
             raise StoreError(f"scores must have shape [len(sample_ids), K] = [{b}, {L.num_targets}] "
                              f"(targets {self.targets}), got {tuple(sc.shape)}")
-        sl = None if sample_loss is None else _numpy(sample_loss, np.float32)
+        sl = None if sample_loss is None else _numpy(sample_loss, np.float32, "sample_loss")
         if sl is not None and sl.shape != (b,):
             raise StoreError(f"sample_loss must have shape [{b}], got {tuple(sl.shape)}")
-        tl = None if target_losses is None else _numpy(target_losses, np.float64).reshape(-1)
+        tl = None if target_losses is None else _numpy(target_losses, np.float64, "target_losses").reshape(-1)
         if tl is not None and tl.size != L.num_targets:
             raise StoreError(f"target_losses must have {L.num_targets} values, got {tl.size}")
         if b > L.slots_per_rank:
@@ -369,9 +426,9 @@ class ScoreWriter:
     def flush(self, durable: bool = False) -> int:
         """Write everything buffered, wait for the disk, record and return this rank's last committed step.
 
-        `durable=True` (at training checkpoints): also fsync every file of the store written since the last
-        durable flush, before and after the committed marker, so that a power loss cannot leave a committed
-        step whose chunks were still in the page cache."""
+        `durable=True` (at training checkpoints): also fsync every chunk this rank wrote since its last durable
+        flush (the first time: the whole store), then the committed marker, so that a power loss cannot leave
+        a committed step whose chunks were still in the page cache."""
         self._check_open()
         if self._buf is not None and self._buf.dirty:
             self._submit(self._buf.copy())  # the step rows keep filling the original
@@ -380,31 +437,53 @@ class ScoreWriter:
         self._raise_thread_error()
         moved = self._last_step is not None and self._last_step != self._committed
         if durable:
-            self._fsync_since(self._durable_mark)  # the chunks first ...
+            self._sync()  # the chunks first ...
         if moved:
-            self._arrays[COMMITTED][self.rank:self.rank + 1] = np.array([self._last_step])
+            try:
+                self._arrays[COMMITTED][self.rank:self.rank + 1] = np.array([self._last_step])
+            except OSError as err:
+                raise StoreWriteError(f"recording the committed step in {self.path!r} failed: {err}; steps "
+                                      f"through {self._committed} stay committed") from err
+            self._note(COMMITTED, (self.rank,))
             self._committed = self._last_step
         if durable:
-            self._durable_mark = self._fsync_since(self._durable_mark)  # ... then the marker
+            self._sync()  # ... then the marker
         return self._committed
 
-    def _fsync_since(self, mark: float) -> float:
-        """fsync the store's files modified at or after `mark` (an mtime), and their folders; returns the
-        time the scan started (the next mark)."""
-        start = time.time()
+    def _note(self, name: str, coords: tuple):
+        """Remember the file of chunk `coords` of array `name` for the next durable flush."""
+        key = self._arrays[name].metadata.encode_chunk_key(coords)
+        self._unsynced.add(os.path.join(name, *key.split("/")))
+
+    def _sync(self):
+        """fsync the files this rank wrote since the last durable flush (the first time: every file of the
+        store) and every folder from theirs up to the store's: new rows make new folders, and zarr writes
+        by rename, so the entries live in the folders."""
+        root = os.path.abspath(self.path)
         try:
-            for folder, _, files in os.walk(self.path):
-                synced = False
-                for name in files:
-                    path = os.path.join(folder, name)
-                    if os.stat(path).st_mtime >= mark:
-                        _fsync(path)
-                        synced = True
-                if synced:
-                    _fsync(folder, directory=True)  # the entries of new files
+            if self._synced_all:
+                files = [os.path.join(root, rel) for rel in sorted(self._unsynced)]
+            else:
+                files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if not f.endswith(".partial")]
+            folders = set()
+            for f in files:
+                try:
+                    _fsync(f)
+                except FileNotFoundError:  # an all-missing chunk is deleted, not written (or another rank's moved)
+                    pass
+                d = os.path.dirname(f)
+                while d not in folders and len(d) >= len(root):
+                    folders.add(d)
+                    d = os.path.dirname(d)
+            for d in sorted(folders, key=len, reverse=True):
+                try:
+                    _fsync(d, directory=True)
+                except FileNotFoundError:  # the folder of chunks that were never written
+                    pass
         except OSError as err:
             raise StoreWriteError(f"fsync of the store {self.path!r} failed: {err}") from err
-        return start
+        self._unsynced.clear()
+        self._synced_all = True
 
     def close(self):
         """Flush, stop the writer thread and (by default) rebuild the totals with all ranks."""
@@ -434,7 +513,7 @@ class ScoreWriter:
             self.reduce_on_close = False
             try:
                 self.close()
-            except Exception:
+            except Exception:  # noqa: BLE001  (the error being unwound is the one to report)
                 pass
         return False
 
@@ -451,7 +530,7 @@ class ScoreWriter:
                     return
                 if self._error is None:
                     self._write_block(blk)
-            except BaseException as e:  # reported to the training thread at its next call
+            except BaseException as e:  # noqa: BLE001  (reported to the training thread at its next call)
                 self._error = e
             finally:
                 self._queue.task_done()
@@ -463,9 +542,12 @@ class ScoreWriter:
             # Announce before writing: after a crash, no chunk of ours lies beyond this mark.
             self._hwm = blk.row * c + c - 1
             self._arrays[WRITTEN][self.rank:self.rank + 1] = np.array([self._hwm])
+            self._note(WRITTEN, (self.rank,))
         for name, buf in blk.arrays.items():
             idx = (rows, self._cols) if name in SLOT_ARRAYS else (rows,)
             self._arrays[name][idx] = buf
+            lead = (blk.row, self.rank) if name in SLOT_ARRAYS else (blk.row,)
+            self._note(name, lead + (0,) * (buf.ndim - len(lead)))
 
     def _raise_thread_error(self):
         if self._error is not None:

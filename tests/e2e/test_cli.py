@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from shardshap.testing import cases
 import shardshap
 from shardshap import cli
 from shardshap.analysis import auroc
 from shardshap.analysis.manifest import default_path, write_manifest
+from shardshap.testing import cases
 
 N = 1797
 
@@ -86,16 +86,16 @@ def test_top_select_plot(run, capsys, tmp_path):
     assert run_cli("info", store, "--json", capsys=capsys)[0] == 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["info", "/nonexistent/run.zarr"], "no store at"),
-    (["top", "STORE", "--target", "nope"], "--target 'nope' is not a target"),
-    (["select", "STORE", "--rule", "drop-lowest", "--fraction", "2", "-o", "/tmp/x.txt"], "must be in (0, 1)"),
-    (["report", "STORE", "--manifest", "/nonexistent.jsonl"], "no manifest at"),
+@pytest.mark.parametrize("argv, message, code", [  # code 2: a bad flag value; 1: what it points at is wrong
+    (["info", "/nonexistent/run.zarr"], "no store at", 1),
+    (["top", "STORE", "--target", "nope"], "--target 'nope' is not a target", 1),
+    (["select", "STORE", "--rule", "drop-lowest", "--fraction", "2", "-o", "/tmp/x.txt"], "must be in (0, 1)", 2),
+    (["report", "STORE", "--manifest", "/nonexistent.jsonl"], "no manifest at", 1),
 ])
-def test_errors_are_one_line(run, argv, message):
+def test_errors_are_one_line(run, argv, message, code):
     store, _, _ = run
     argv = [a.replace("STORE", store) for a in argv]
     proc = subprocess.run([sys.executable, "-m", "shardshap.cli", *argv], capture_output=True, text=True)
-    assert proc.returncode == 1
+    assert proc.returncode == code
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

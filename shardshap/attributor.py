@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.profiler import record_function
 
 from . import __version__, estimators
@@ -82,7 +83,7 @@ class _GatheredW(Mapping):
         return len(self.owned)
 
 
-class Attributor:
+class Attributor(Stateful):
     """Values every training sample during training: `step()` replaces
     `zero_grad(); loss.backward(); optimizer.step()` and returns the step's per-sample values.
 
@@ -109,6 +110,9 @@ class Attributor:
         if not isinstance(model, nn.Module):
             raise AttributionError(f"model must be a torch.nn.Module (or a DDP / FSDP2 / DeepSpeed-wrapped one), "
                                    f"got {type(model).__name__}")
+        if store is not None and self.config.num_samples is None:
+            raise AttributionError("writing a store needs the size of the training set: set "
+                                   "Config(num_samples=N) (sample ids are in [0, N))")
         if not callable(target_loss) or (train_loss is not None and not callable(train_loss)):
             raise AttributionError("train_loss and target_loss must be callables: train_loss(model, batch) -> "
                                    "Tensor[b], target_loss(model, targets) -> Tensor[K]")
@@ -132,9 +136,6 @@ class Attributor:
         if self.config.cache_dtype is not None or self.config.target_dtype is not None:
             warn_if_bf16_is_emulated(self._device)
         self.step_index = 0
-        if store is not None and self.config.num_samples is None:
-            raise AttributionError("writing a store needs the size of the training set: set "
-                                   "Config(num_samples=N) (sample ids are in [0, N))")
         self.store_path, self.overwrite = store, overwrite
         self.run_id = run_id or "run-" + hashlib.sha256(
             json.dumps(self.config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
@@ -156,7 +157,7 @@ class Attributor:
         try:
             micro, ids = _micro_batches(batch, sample_ids)
             n = sum(len(i) for i in ids)
-            c = 1.0 / n if n and self.config.reduction == "mean" else 1.0  # this rank's loss; DDP averages
+            c = 1.0 / n if self.config.reduction == "mean" else 1.0  # this rank's loss; the engines average
             self._check_store_fits(n)
             for j, (mb, mids) in enumerate(zip(micro, ids)):
                 last = j == len(micro) - 1
@@ -240,7 +241,8 @@ class Attributor:
         return result
 
     def state_dict(self) -> dict:
-        """The attribution part of a training checkpoint (flushes the store first)."""
+        """The attribution part of a training checkpoint (flushes the store first). The Attributor is a
+        torch.distributed.checkpoint `Stateful`: `dcp.save({"attr": attr, ...})` works as for a model."""
         state = {"step": self.step_index, "run_id": self.run_id, "config": self.config.to_dict()}
         if self._writer is not None:
             state["store"] = self._writer.state_dict()
@@ -248,6 +250,9 @@ class Attributor:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at the checkpoint's step: the store rewrites every step from there on."""
+        if not isinstance(state, Mapping) or "step" not in state:
+            raise AttributionError("load_state_dict needs the dict that Attributor.state_dict() returned (with "
+                                   f"'step'), got {type(state).__name__}")
         if state.get("run_id", self.run_id) != self.run_id:
             raise AttributionError(f"checkpoint of run {state['run_id']!r}, but this Attributor is run "
                                    f"{self.run_id!r}: pass run_id= or the same config")
@@ -338,7 +343,7 @@ class Attributor:
         if cfg.product_rank is not None or not backend.partitioned:
             W = {pid: W[pid] for pid in owned}  # low rank factorises every layer up front: materialise
         with record_function("shardshap.products"):
-            products = self.capture.products(W, sizes, dtype, rank=cfg.product_rank)
+            products = self.capture.products(W, sizes, dtype, rank=cfg.product_rank, num_targets=K)
         per_param = products.per_param
         if backend.distributed:  # the engines average gradients: each sample's share of the global gradient
             per_param = {name: v / backend.dp_size for name, v in per_param.items()}
@@ -384,11 +389,16 @@ class Attributor:
             targets=self.config.target_names or [f"target{k}" for k in range(result.scores.shape[1])],
             num_samples=self.config.num_samples, slots_per_rank=widest,
             world_size=backend.dp_size, rank=backend.dp_rank,
-            barrier=backend.barrier if backend.distributed else None, overwrite=self.overwrite,
+            barrier=backend.barrier if backend.distributed else None,
+            agree=self._all_ok if backend.distributed else None, overwrite=self.overwrite,
             resume_step=self._resume_step,
             metadata={"estimator": self.config.estimator, "order": self.config.order,
                       "excluded": self.excluded, "global_batch": total,
                       "versions": {"shardshap": __version__, "torch": torch.__version__}})
+
+    def _all_ok(self, ok: bool) -> bool:
+        """True when `ok` on every data-parallel rank (one all-reduce)."""
+        return int(self.backend.all_reduce(torch.tensor([0 if ok else 1], dtype=torch.int32), "max").item()) == 0
 
     def _write(self, result: StepResult) -> bool:
         """Buffer the step in the store, every check first (before the optimizer steps); True when

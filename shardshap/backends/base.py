@@ -157,11 +157,12 @@ class Backend(ABC):
                     sh.value.copy_(saved[pid])
 
     # ---------------------------------------------------------------- communication
-    def _run(self, name: str, tensor: torch.Tensor, collective) -> torch.Tensor:
-        """Run `collective(t)` on `tensor` moved to the communication device, and count what it sends."""
+    def _run(self, name: str, tensor: torch.Tensor, collective, sends: bool = True) -> torch.Tensor:
+        """Run `collective(t)` on `tensor` moved to the communication device; count what this rank `sends`."""
         if self.collective_log is not None:
             self.collective_log.append((name, tuple(tensor.shape), str(tensor.dtype)))
-        self.bytes_sent += tensor.numel() * tensor.element_size()
+        if sends:
+            self.bytes_sent += tensor.numel() * tensor.element_size()
         if tensor.device == self.comm_device:
             return collective(tensor)
         moved = tensor.to(self.comm_device)
@@ -208,7 +209,7 @@ class Backend(ABC):
         def send(t):
             dist.broadcast(t, src=dist.get_global_rank(self.dp_group, src), group=self.dp_group)
             return t
-        out = self._run("broadcast", tensor, send)
+        out = self._run("broadcast", tensor, send, sends=self.dp_rank == src)
         if out is not tensor:
             tensor.copy_(out)
         return tensor

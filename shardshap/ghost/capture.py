@@ -193,7 +193,7 @@ class Capture:
         self.clear()
 
     def products(self, W: Mapping[int, torch.Tensor], batch_sizes: list[int], dtype: torch.dtype,
-                 rank: Optional[int] = None) -> Products:
+                 rank: Optional[int] = None, num_targets: Optional[int] = None) -> Products:
         """Per attributed parameter (canonical name): Tensor[sum(batch_sizes), K] of <c g_i, W_k>.
 
         `W` maps id(param) to [K, *param.shape]; `c g_i` is sample i's contribution to the batch
@@ -201,15 +201,15 @@ class Capture:
         `rank` (Config.product_rank): matrix weights use low-rank products (ghost/lowrank.py); the returned
         `Products.W` then holds the rank-r approximations the products were taken with (every use of a tied
         weight and the completeness check see the same W), and `Products.lowrank` each layer's kept energy
-        and the layers that fell back to exact.
+        and the layers that fell back to exact. `num_targets` (K): give it when reading W is costly (a
+        mapping that gathers on each read, FSDP2 / ZeRO-3); else it is read from W.
         """
         offsets = [0]
         for b in batch_sizes:
             offsets.append(offsets[-1] + b)
         names = {id(p): n for n, p in self.plan.params.items()}
-        first = next(iter(W.values()))  # W may gather on each read (FSDP2, ZeRO-3): read once
-        K, device = first.shape[0], first.device
-        del first
+        K = num_targets if num_targets is not None else next(iter(W.values())).shape[0]
+        device = next(iter(self.plan.params.values())).device
         out = {n: torch.zeros(offsets[-1], K, dtype=dtype, device=device) for n in self.plan.params}
         info, factors = {}, {}
         if rank is not None:

@@ -1,12 +1,11 @@
-"""Low-rank products for matrix weights (Config.product_rank; DESIGN 2.6, research/calibration.md Q1).
+"""Low-rank products for matrix weights (Config.product_rank).
 
 Each matrix weight's product vector W_k ([d_out, d_in]) is replaced by W_k Q Q^T, its projection on an
 r-dimensional row subspace found by a randomized range finder (Q spans W_k^T Omega for a Gaussian
 Omega), computed once per step. Then
     sum_t e_t^T W_k a_t ~ sum_t (Q^T W_k^T e_t) . (Q^T a_t)
-costs tokens * r * (d_in + d_out) instead of tokens * d_in * d_out. Measured on W1 (docs/benchmarks.md):
-the sketch without power iterations and without oversampling-then-truncating keeps Pearson R >= 0.99997
-against exact values at r = 8-16 and costs 1/3 of the earlier one-power-iteration, truncated sketch.
+costs tokens * r * (d_in + d_out) instead of tokens * d_in * d_out. W_k is very low rank in practice,
+so a plain sketch (no power iterations, no oversampling) suffices; docs/benchmarks.md has its fidelity.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ from .base import StepMap, UpdateRule, scalar
 
 def adamw_secant(g, m, v, theta, lr, b1, b2, eps, wd, bc1, bc2, sign):
     """(D(0), secant slope) of one AdamW step with decoupled weight decay `wd` (0: none), no amsgrad, for
-    flat tensors. About 15 passes over the parameter written in place (40 without): these elementwise
-    passes were ~9% of an attributed step; `compiled_adamw_secant` fuses them into one."""
+    flat tensors, in about 15 passes over the parameter written in place; `compiled_adamw_secant` fuses
+    them into one."""
     r0_sq = v * (b2 / bc2)                                   # vhat(0)
     a1 = torch.addcmul(r0_sq, g, g, value=(1 - b2) / bc2).sqrt_()  # r1 = sqrt(vhat(G)), then r1 + eps
     a0 = r0_sq.sqrt_()                                        # r0, then r0 + eps
@@ -32,9 +32,9 @@ def adamw_secant(g, m, v, theta, lr, b1, b2, eps, wd, bc1, bc2, sign):
 
 def _adamw_secant_functional(g, m, v, theta, hyper):
     """`adamw_secant` without in-place ops and with the hyperparameters in one tensor, for torch.compile:
-    inductor (torch 2.13, dynamic shapes) mis-compiled the in-place form (slopes off by up to 8x), and
-    Python-float hyperparameters became symbolic scalars that halved the speed of the fused loop (W1 sizes,
-    CPU: 7.0 -> 3.5 ms for 4.2M elements). Eager, this form is 2x slower than the in-place one."""
+    inductor mis-compiles the in-place form under dynamic shapes (tests/unit/optim catch it against the real
+    optimizer), and Python-float hyperparameters would become symbolic scalars that slow the fused loop
+    (docs/benchmarks.md). Eager, this form is slower than the in-place one, which stays for eager."""
     lr, b1, b2, eps, wd, bc1, bc2, sign = hyper.unbind()
     r0 = (v * (b2 / bc2)).sqrt()
     r1 = (v * (b2 / bc2) + g * g * ((1 - b2) / bc2)).sqrt()

@@ -2,7 +2,7 @@
 
 For a parameter with batch gradient G (the gradient the optimizer receives), a coordinate-wise
 optimizer moves it by D(G). Along the path alpha*G, the secant slope s = (D(G) - D(0)) / G turns the
-step into D(alpha G) ~ D(0) + s * alpha * G, which is what every estimator builds on (DESIGN 2.2).
+step into D(alpha G) ~ D(0) + s * alpha * G, which is what every estimator builds on.
 """
 from __future__ import annotations
 

@@ -146,6 +146,8 @@ def save_checkpoint(cfg, step: int, rank: int, model, opt, sched, ds_engine, att
         attr.flush(durable=True)  # the store's steps survive whatever the checkpoint survives
     state = {"step": step, "rng": torch.get_rng_state(), "attr": attr.state_dict() if attr else None,
              "run_id": cfg.run_id()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout on a GPU draws from its generator
+        state["cuda_rng"] = torch.cuda.get_rng_state()  # this rank's device (init_distributed set it)
     if ds_engine is not None:
         ds_engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     elif cfg.distributed.engine == "fsdp2":
@@ -159,8 +161,9 @@ def save_checkpoint(cfg, step: int, rank: int, model, opt, sched, ds_engine, att
         state.update(model=module.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict())
     torch.save(state, path / f"rank{rank}.pt")
     barrier()
-    if rank == 0:
-        (root / "latest").write_text(tag)
+    if rank == 0:  # atomically: a kill during the write must not leave an empty `latest`
+        (root / "latest.tmp").write_text(tag)
+        os.replace(root / "latest.tmp", root / "latest")
     return str(path)
 
 
@@ -200,6 +203,8 @@ def load_checkpoint(cfg, path: Path, rank: int, world: int, model, opt, sched, d
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
     return state
 
 
@@ -207,8 +212,9 @@ def load_checkpoint(cfg, path: Path, rank: int, world: int, model, opt, sched, d
 def run(cfg: RecipeConfig, stop_after: Optional[int] = None) -> Result:
     """Train as the config says; returns the summary (also written to <out_dir>/summary.json by rank 0).
     `stop_after`: end cleanly after that many steps in total, as a preempted job would (tests)."""
-    import shardshap
     from tqdm import tqdm
+
+    import shardshap
     # torch deprecates a collective DeepSpeed calls every step; the warning is not actionable here
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     t_start = time.time()

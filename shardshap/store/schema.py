@@ -81,7 +81,7 @@ DEFAULT_TOTAL_CHUNK_ROWS = 1 << 18  # rows of value/count per chunk
 
 
 def default_compressor():
-    """Blosc zstd level 3 with bitshuffle: the measured best default (infra notes 4.3)."""
+    """Blosc zstd level 3 with bitshuffle: the best default measured (docs/store.md)."""
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 

@@ -87,11 +87,14 @@ class ScoreWriter:
       max_steps: pre-allocated step extent (arrays are never resized); writing beyond it is an error.
       steps_per_chunk: steps per log chunk; default keeps a score chunk near 1 M values.
       compressor: a zarr codec (e.g. zarr.codecs.ZstdCodec(level=3)), None for none, or "default"
-        (Blosc zstd level 3, bitshuffle; measured in the infra notes).
+        (Blosc zstd level 3, bitshuffle; docs/store.md).
       totals_compressor: the same for value/count ("default": Blosc zstd level 1, byte shuffle).
       total_chunk_rows: samples per chunk of value/count (and the granularity of reduce blocks).
       queue_chunks: chunk rows that may wait for the disk before write_step blocks (memory bound).
       reduce_on_close / reduce_processes / reduce_memory_bytes: totals at close.
+      agree: a collective `agree(ok: bool) -> bool` (True when every rank is ok): when given, a store that
+        rank 0 refuses (another run's, a bad path) raises on every rank at once instead of leaving the
+        others waiting at the barrier until its timeout.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class ScoreWriter:
         world_size: int = 1,
         rank: int = 0,
         barrier=None,
+        agree=None,
         overwrite: bool = False,
         resume_step: int | None = None,
         metadata: dict | None = None,
@@ -157,8 +161,17 @@ class ScoreWriter:
             resume_step = _int("resume_step", resume_step)
             if not 0 <= resume_step <= max_steps:
                 raise StoreError(f"resume_step {resume_step} outside [0, max_steps={max_steps}]")
+        refused = None
         if self.rank == 0:
-            self._prepare_store(identity, metadata or {}, compressor, totals_compressor, overwrite)
+            try:
+                self._prepare_store(identity, metadata or {}, compressor, totals_compressor, overwrite)
+            except StoreError as err:
+                refused = err
+        if agree is not None and not agree(refused is None):
+            raise refused or StoreError(f"rank 0 refused the store {self.path!r} (its error names the problem "
+                                        "and the fix); this rank stops too")
+        if refused is not None:
+            raise refused
         self._barrier()  # the store exists and is valid from here on
         self.group = schema.read_group(self.path, mode="r+")
         self._check_identity(self.group.attrs.asdict(), identity)

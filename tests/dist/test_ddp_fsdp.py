@@ -105,3 +105,17 @@ def test_rank_failure_ends_the_job_and_keeps_flushed_steps(tmp_path):
         for i, v in step_values.items():
             totals[i] += v
     np.testing.assert_allclose(open_scores(store).value, totals, rtol=1e-5, atol=1e-7)
+
+
+def test_store_of_another_run_stops_every_rank_before_training(tmp_path):
+    """Rank 0 refuses the store at the first step; the other rank learns it in one collective and raises
+    too (no rank left waiting at the store's barrier until the timeout), before any optimizer step."""
+    from shardshap.store import ScoreWriter
+    store = str(tmp_path / "other.zarr")
+    ScoreWriter(store, run_id="another-run", config={}, targets=["a", "b"], num_samples=64,
+                slots_per_rank=4, reduce_on_close=False).close()
+    proc, seconds = run(torchrun("ddp_fsdp.py", "--out", str(tmp_path / "x"), "--store", store), timeout=240)
+    assert proc.returncode != 0
+    assert "[rank0]: shardshap.errors.StoreMismatchError" in proc.stderr, proc.stderr[-3000:]
+    assert "[rank1]: shardshap.errors.StoreError: rank 0 refused the store" in proc.stderr, proc.stderr[-3000:]
+    assert "Timeout" not in proc.stderr and seconds < 120

@@ -248,5 +248,5 @@ def test_verify_command_against_the_oracle(tmp_path, capsys):
     assert out["oracle"] == "exact" and set(rows) == {"secant/2", "adam-lagged/2", "sgd/2", "sgd/1"}
     assert min(rows["secant/2"]["pearson"]) >= 0.99, rows["secant/2"]
     assert max(rows["secant/2"]["efficiency_gap"]) <= 0.05
-    assert cli.main(["verify", "--config", str(path), "--batch", "40"]) == 1
-    assert "keep it at 16 or below" in capsys.readouterr().err
+    assert cli.main(["verify", "--config", str(path), "--batch", "40"]) == 2  # a bad flag value
+    assert "--batch 40: must be in [2, 16]" in capsys.readouterr().err

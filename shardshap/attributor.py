@@ -57,7 +57,12 @@ def _micro_batches(batch, sample_ids):
         raise AttributionError("the step has no samples (empty sample_ids): pass at least one sample")
     else:
         micro_ids, micro = [sample_ids], [batch]
-    return micro, [_as_ids(x, j) for j, x in enumerate(micro_ids)]
+    ids = [_as_ids(x, j) for j, x in enumerate(micro_ids)]
+    empty = [j for j, i in enumerate(ids) if len(i) == 0]
+    if empty:
+        raise AttributionError(f"the step has no samples in micro-batch {empty[0]} (empty sample_ids): pass at "
+                               "least one sample per micro-batch")
+    return micro, ids
 
 
 class _GatheredW(Mapping):

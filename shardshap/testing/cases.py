@@ -91,11 +91,12 @@ def _lm_case(name, model, vocab, T, batch_size, seed, n_targets, pad_some=True):
     return Case(name, model, train_loss, target_loss, batches, None)
 
 
-def tiny_gpt2(batch_size=8, seed=0, dtype=torch.float64, T=12, vocab=48, n_targets=2, tie=True) -> Case:
+def tiny_gpt2(batch_size=8, seed=0, dtype=torch.float64, T=12, vocab=48, n_targets=2, tie=True, n_embd=16,
+              dropout=0.0) -> Case:
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie,
+    cfg = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=n_embd, n_layer=2, n_head=2, resid_pdrop=dropout,
+                     embd_pdrop=dropout, attn_pdrop=dropout, tie_word_embeddings=tie,
                      bos_token_id=0, eos_token_id=0)
     cfg._attn_implementation = "eager"
     model = GPT2LMHeadModel(cfg).to(dtype)

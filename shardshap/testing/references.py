@@ -1,4 +1,6 @@
 """References the library is checked against: the plain training step, and equality of training state."""
+import copy
+
 import torch
 
 
@@ -25,3 +27,20 @@ def assert_same(m1, o1, m2, o2):
         assert s1.keys() == s2.keys()
         for k in s1:
             assert torch.equal(torch.as_tensor(s1[k]), torch.as_tensor(s2[k])), f"optimizer state {k} differs"
+
+
+def assert_training_unchanged(case, opt, config=None, steps: int = 3, clip=None, seed: int = 123):
+    """`steps` attributed steps of `case` leave parameters and optimizer state bit-identical to plain steps on
+    copies of (model, optimizer) drawing the same random numbers (dropout); `clip`: the plain step's
+    clip_grad_norm_ threshold (Config.max_grad_norm of the attributed side)."""
+    from ..attributor import Attributor
+    ref_model, ref_opt = copy.deepcopy((case.model, opt))
+    attr = Attributor(case.model, opt, case.train_loss, case.target_loss, config)
+    torch.manual_seed(seed)
+    for s in range(steps):
+        attr.step(*case.batches(s), None)
+    attr.close()
+    torch.manual_seed(seed)
+    for s in range(steps):
+        plain_step(ref_model, ref_opt, case.train_loss, [case.batches(s)[0]], clip)
+    assert_same(case.model, opt, ref_model, ref_opt)

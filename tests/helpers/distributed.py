@@ -63,6 +63,6 @@ def launch(cmd, timeout=300, **env):
 
 
 def torchrun(script, *args, nproc=2):
-    """The torchrun command line for a worker script in tests/dist/workers."""
+    """The torchrun command line for a worker script in tests/distributed/workers."""
     return [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(nproc),
-            os.path.join(TESTS, "dist", "workers", script), *args]
+            os.path.join(TESTS, "distributed", "workers", script), *args]

@@ -9,7 +9,7 @@ import torch
 import shardshap
 from shardshap.estimators import ESTIMATORS
 from shardshap.testing import cases
-from shardshap.testing.references import assert_same, plain_step
+from shardshap.testing.references import assert_same, assert_training_unchanged, plain_step
 
 
 def split(batch, ids, parts):
@@ -42,27 +42,13 @@ def test_mlp_adamw_clip(variant, parts):
 
 @pytest.mark.parametrize("optimizer", ["sgd-nesterov", "adam-l2"])
 def test_gpt2_with_dropout(optimizer):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    case = cases.tiny_gpt2(batch_size=4, dtype=torch.float32)
-    cfg = GPT2Config(vocab_size=48, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.1,
-                     embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    case.model = GPT2LMHeadModel(cfg).train()
+    case = cases.tiny_gpt2(batch_size=4, dtype=torch.float32, dropout=0.1)
+    case.model.train()
     if optimizer == "sgd-nesterov":
         opt = torch.optim.SGD(case.model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
     else:
         opt = torch.optim.Adam(case.model.parameters(), lr=1e-3, weight_decay=1e-2)
-    ref_model, ref_opt = copy.deepcopy((case.model, opt))
-    attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss)
-    torch.manual_seed(123)
-    for s in range(3):
-        b, ids = case.batches(s)
-        attr.step(b, ids, None)
-    torch.manual_seed(123)
-    for s in range(3):
-        b, _ = case.batches(s)
-        plain_step(ref_model, ref_opt, case.train_loss, [b], None)
-    assert_same(case.model, opt, ref_model, ref_opt)
+    assert_training_unchanged(case, opt)
 
 
 def test_bf16_model_values_reduced_in_fp32():

@@ -19,7 +19,7 @@ from helpers.distributed import TESTS
 from shardshap.backends import free_port
 from shardshap.store import ScoreWriter, StaleTotalsError, StoreFormatError, open_scores, reduce_store
 
-WORKER = os.path.join(TESTS, "dist", "workers", "store.py")
+WORKER = os.path.join(TESTS, "distributed", "workers", "store.py")
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
 
 

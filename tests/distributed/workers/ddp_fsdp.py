@@ -1,4 +1,4 @@
-"""One rank of a distributed attribution run (launched by tests/dist/test_ddp_fsdp.py with torchrun or
+"""One rank of a distributed attribution run (launched by tests/distributed/test_ddp_fsdp.py with torchrun or
 mpiexec). Writes its per-sample values and the final parameters to an .npz file per rank."""
 import argparse
 import os
@@ -8,9 +8,9 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import shardshap  # noqa: E402
-from shardshap.testing import cases  # noqa: E402
 from helpers.distributed import GLOBAL_BATCH, MICRO, STEPS, local_micro_batches  # noqa: E402
 from shardshap.backends import init_distributed, shutdown  # noqa: E402
+from shardshap.testing import cases  # noqa: E402
 
 
 def main():

@@ -1,4 +1,4 @@
-"""One rank of the DeepSpeed tests (launched by tests/dist/test_deepspeed.py with torchrun or mpiexec).
+"""One rank of the DeepSpeed tests (launched by tests/distributed/test_deepspeed.py with torchrun or mpiexec).
 
 For each requested ZeRO configuration it trains the tiny GPT-2 of shardshap/testing/cases.py twice in this process:
 with shardshap.Attributor(ds_engine, None, ...) and plain (engine.backward / engine.step only), on the same
@@ -16,10 +16,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import shardshap  # noqa: E402
-from shardshap.testing import cases  # noqa: E402
 from helpers.distributed import GLOBAL_BATCH, MICRO, STEPS, local_micro_batches  # noqa: E402
 from helpers.zero_configs import CLIP, CONFIGS, LR, PRESET, plain_twin  # noqa: E402
 from shardshap.backends import init_distributed, shutdown  # noqa: E402
+from shardshap.testing import cases  # noqa: E402
+
 
 def ds_config(zero: dict, world: int, torch_adam: bool = True) -> dict:
     return {
@@ -65,8 +66,9 @@ def fail_first_steps(engine, case, rank, world):
 def run(config: str, attributed: bool, rank: int, world: int, out: str) -> dict:
     import deepspeed
     case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
+    config_dict = ds_config(CONFIGS[config], world, torch_adam=not config.endswith("-fused"))
     engine, _, _, _ = deepspeed.initialize(model=case.model, model_parameters=case.model.parameters(),
-                                           config=ds_config(CONFIGS[config], world, torch_adam=not config.endswith("-fused")))
+                                           config=config_dict)
     attr = shardshap.Attributor(engine, None, case.train_loss, case.target_loss,
                                 shardshap.Config(num_samples=64, preset=PRESET.get(config))) if attributed else None
     if attributed and config.endswith("-recover"):

@@ -10,7 +10,7 @@ import pytest
 from helpers.distributed import BIN, STEPS, TESTS, launch, single_process_reference, torchrun
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-WORKER = os.path.join(TESTS, "dist", "workers", "ddp_fsdp.py")
+WORKER = os.path.join(TESTS, "distributed", "workers", "ddp_fsdp.py")
 CLIP = 1.0
 
 

@@ -3,7 +3,7 @@
 The data of every (rank, step) comes from `step_data`, a pure function of its arguments, so the
 test can compute the expected totals with plain numpy without reading the store.
 
-    python tests/dist/workers/store.py PATH --rank R --world W --init tcp://127.0.0.1:PORT [--barrier torch|mpi]
+    python tests/distributed/workers/store.py PATH --rank R --world W --init tcp://127.0.0.1:PORT [--barrier torch|mpi]
         [--steps S] [--flush-every F] [--die-at D] [--resume-step T] [--resume-via state]
 """
 

@@ -1,4 +1,4 @@
-"""One rank of the backend conformance run (tests/dist/test_conformance.py): every backend that needs
+"""One rank of the backend conformance run (tests/distributed/test_conformance.py): every backend that needs
 ranks (DDP, FSDP2, DeepSpeed ZeRO-1/2/3) in turn, in one torchrun; rank 0 prints one CONFORMANCE line of
 JSON per engine."""
 import argparse
@@ -8,12 +8,11 @@ import os
 import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-from shardshap.testing.conformance import run_conformance  # noqa: E402
-from shardshap.testing import cases  # noqa: E402
-from helpers.distributed import GLOBAL_BATCH, MICRO, local_micro_batches  # noqa: E402
-
 import shardshap  # noqa: E402
+from helpers.distributed import GLOBAL_BATCH, MICRO, local_micro_batches  # noqa: E402
 from shardshap.backends import init_distributed, shutdown  # noqa: E402
+from shardshap.testing import cases  # noqa: E402
+from shardshap.testing.conformance import run_conformance  # noqa: E402
 
 CLIP = 0.05  # far below the gradient norm: every step is clipped
 
@@ -44,6 +43,36 @@ def build(engine: str, world: int):
     return case, model, None, lambda: {n: safe_get_full_grad(p).clone() for n, p in model.module.named_parameters()}
 
 
+def check(engine: str, rank: int, world: int) -> dict:
+    """The conformance checks of one engine on this rank (every rank calls it)."""
+    case, model, opt, full_grads = build(engine, world)
+    clip = CLIP if engine.startswith("z") else None
+    attr = shardshap.Attributor(model, opt, case.train_loss, case.target_loss, shardshap.Config(max_grad_norm=clip))
+    step = iter(range(10))
+
+    def run_step():
+        micro, ids = local_micro_batches(case, next(step), rank, world)
+        attr.step(micro, ids, None)
+
+    def backward():
+        backend = attr.backend
+        micro, _ = local_micro_batches(case, next(step), rank, world)
+        backend.zero_grad(attr.optimizer)
+        for j, mb in enumerate(micro):
+            with backend.no_sync(j == len(micro) - 1):
+                backend.backward(case.train_loss(model, mb).sum() / GLOBAL_BATCH * world)
+            backend.after_micro_batch(j == len(micro) - 1)
+
+    run_step()  # warm optimizer state (DeepSpeed creates it at the first step)
+    results = run_conformance(attr, backward, run_step, full_grads,
+                              lambda: case.target_loss(attr.module, None)[:1], max_norm=CLIP)
+    backend = type(attr.backend).__name__
+    attr.close()
+    if engine.startswith("z"):
+        model.destroy()
+    return {"engine": engine, "backend": backend, "results": results}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--engines", default="ddp,fsdp2,z1,z2,z3")
@@ -54,34 +83,9 @@ def main():
         import deepspeed
         deepspeed.init_distributed("gloo")
     for engine in args.engines.split(","):
-        case, model, opt, full_grads = build(engine, world)
-        clip = CLIP if engine.startswith("z") else None
-        attr = shardshap.Attributor(model, opt, case.train_loss, case.target_loss,
-                                    shardshap.Config(max_grad_norm=clip))
-        step = iter(range(10))
-
-        def run_step():
-            micro, ids = local_micro_batches(case, next(step), rank, world)
-            attr.step(micro, ids, None)
-
-        def backward():
-            backend = attr.backend
-            micro, _ = local_micro_batches(case, next(step), rank, world)
-            backend.zero_grad(attr.optimizer)
-            for j, mb in enumerate(micro):
-                with backend.no_sync(j == len(micro) - 1):
-                    backend.backward(case.train_loss(model, mb).sum() / GLOBAL_BATCH * world)
-                backend.after_micro_batch(j == len(micro) - 1)
-
-        run_step()  # warm optimizer state (DeepSpeed creates it at the first step)
-        results = run_conformance(attr, backward, run_step, full_grads,
-                                  lambda: case.target_loss(attr.module, None)[:1], max_norm=CLIP)
-        backend = type(attr.backend).__name__
-        attr.close()
-        if engine.startswith("z"):
-            model.destroy()
+        result = check(engine, rank, world)
         if rank == 0:
-            print("CONFORMANCE " + json.dumps({"engine": engine, "backend": backend, "results": results}), flush=True)
+            print("CONFORMANCE " + json.dumps(result), flush=True)
     shutdown()
 
 

@@ -16,7 +16,7 @@ from helpers.distributed import BIN, GLOBAL_BATCH, STEPS, TESTS, launch, single_
 from helpers.zero_configs import CLIP, CONFIGS, PRESET, plain_twin  # noqa: E402
 
 pytestmark = [pytest.mark.dist, pytest.mark.deepspeed, pytest.mark.slow]
-WORKER = os.path.join(TESTS, "dist", "workers", "zero.py")
+WORKER = os.path.join(TESTS, "distributed", "workers", "zero.py")
 TORCHRUN_CONFIGS = ["z1", "z2", "z3", "z3-persist", "z2-recover", "z3-recover", "z2-fused", "z3-fast"]
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import shardshap
+from helpers.distributed import launch, torchrun
 from shardshap.testing import cases
 from shardshap.testing.conformance import run_conformance
-from helpers.distributed import launch, torchrun
 
 ENGINES = ["ddp", "fsdp2", "z1", "z2", "z3"]
 

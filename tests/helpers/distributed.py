@@ -2,6 +2,7 @@
 one-process reference for them, and a launcher for torchrun / mpiexec / deepspeed subprocesses."""
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -58,8 +59,16 @@ def launch(cmd, timeout=300, **env):
     full = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", DS_ACCELERATOR="cpu",
                 PYTHONPATH=path, **env)
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full)
-    return proc, time.time() - t0
+    # a session of its own: on a timeout the launcher and every rank it started are killed, not only the launcher
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.time() - t0
 
 
 def torchrun(script, *args, nproc=2):

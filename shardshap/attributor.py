@@ -395,15 +395,11 @@ class Attributor(Stateful):
             num_samples=self.config.num_samples, slots_per_rank=widest,
             world_size=backend.dp_size, rank=backend.dp_rank,
             barrier=backend.barrier if backend.distributed else None,
-            agree=self._all_ok if backend.distributed else None, overwrite=self.overwrite,
+            agree=backend.all_ok if backend.distributed else None, overwrite=self.overwrite,
             resume_step=self._resume_step,
             metadata={"estimator": self.config.estimator, "order": self.config.order,
                       "excluded": self.excluded, "global_batch": total,
                       "versions": {"shardshap": __version__, "torch": torch.__version__}})
-
-    def _all_ok(self, ok: bool) -> bool:
-        """True when `ok` on every data-parallel rank (one all-reduce)."""
-        return int(self.backend.all_reduce(torch.tensor([0 if ok else 1], dtype=torch.int32), "max").item()) == 0
 
     def _write(self, result: StepResult) -> bool:
         """Buffer the step in the store, every check first (before the optimizer steps); True when

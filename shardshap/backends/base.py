@@ -157,31 +157,33 @@ class Backend(ABC):
                     sh.value.copy_(saved[pid])
 
     # ---------------------------------------------------------------- communication
-    def _run(self, name: str, tensor: torch.Tensor, collective, sends: bool = True) -> torch.Tensor:
-        """Run `collective(t)` on `tensor` moved to the communication device; count what this rank `sends`."""
+    def _run(self, name: str, tensor: torch.Tensor, collective, sends: bool = True):
+        """Run `collective(t)` on `tensor` moved to the communication device and count what this rank `sends`.
+        A collective that works in place returns `t`: the result then lands in `tensor` itself; one that
+        returns a list of tensors gets them back on `tensor`'s device."""
         if self.collective_log is not None:
             self.collective_log.append((name, tuple(tensor.shape), str(tensor.dtype)))
         if sends:
             self.bytes_sent += tensor.numel() * tensor.element_size()
         if tensor.device == self.comm_device:
             return collective(tensor)
-        moved = tensor.to(self.comm_device)
-        out = collective(moved)
-        return out.to(tensor.device) if torch.is_tensor(out) else [o.to(tensor.device) for o in out]
+        out = collective(tensor.to(self.comm_device))
+        return tensor.copy_(out) if torch.is_tensor(out) else [o.to(tensor.device) for o in out]
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Reduce over the data-parallel group ('sum' or 'max'); returns the result (in `tensor` itself
-        when it already lives on the communication device)."""
+        """Reduce `tensor` in place over the data-parallel group ('sum' or 'max'); returns it."""
         if not self.distributed:
             return tensor
 
         def reduce(t):
             dist.all_reduce(t, op=_REDUCE_OPS[op], group=self.dp_group)
             return t
-        out = self._run(f"all_reduce_{op}", tensor, reduce)
-        if out is not tensor:
-            tensor.copy_(out)
-        return tensor
+        return self._run(f"all_reduce_{op}", tensor, reduce)
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when `ok` on every data-parallel rank (one all-reduce): lets every rank stop together when one
+        refuses."""
+        return int(self.all_reduce(torch.tensor([0 if ok else 1], dtype=torch.int32), "max").item()) == 0
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.all_reduce(tensor, "sum")
@@ -209,10 +211,7 @@ class Backend(ABC):
         def send(t):
             dist.broadcast(t, src=dist.get_global_rank(self.dp_group, src), group=self.dp_group)
             return t
-        out = self._run("broadcast", tensor, send, sends=self.dp_rank == src)
-        if out is not tensor:
-            tensor.copy_(out)
-        return tensor
+        return self._run("broadcast", tensor, send, sends=self.dp_rank == src)
 
     def all_gather_object(self, obj) -> list:
         """Every data-parallel rank's picklable `obj` (setup only, never per step)."""

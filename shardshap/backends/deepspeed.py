@@ -269,8 +269,7 @@ class ZeroBackend(Backend):
                 r = dist.get_rank(group=z.real_dp_process_group[i])
                 pairs.append((parts[r], z.single_partition_of_fp32_groups[i]))
             differs = any(not torch.equal(hp.to(lp.dtype), lp) for lp, hp in pairs)
-        flag = self.all_reduce(torch.tensor([1 if differs else 0], dtype=torch.int32), "max")
-        if not int(flag):
+        if self.all_ok(not differs):  # no rank's forward copies differ: nothing to sync
             return None
         with torch.no_grad():
             if self.stage == 3:

@@ -18,6 +18,6 @@ class AdamLagged(Estimator):
         shift = None
         if order == 2:
             step = update_rule.step_map(shard.value, shard.grad, shard.group, shard.state, dtype, compiled)
-            shift = step.shift if step.shift is not None else step.midpoint(shard.grad.detach().to(dtype))
+            shift = step.midpoint_shift(shard.grad.detach())
         scale = update_rule.lagged_scale(shard.value, shard.group, shard.state, dtype)
         return Frozen(clip_factor * scale, shift)

@@ -14,5 +14,5 @@ class Secant(Estimator):
         step = update_rule.step_map(shard.value, shard.grad, shard.group, shard.state, dtype, compiled)
         shift = None
         if order == 2:
-            shift = step.shift if step.shift is not None else step.midpoint(shard.grad.detach().to(dtype))
+            shift = step.midpoint_shift(shard.grad.detach())
         return Frozen(step.slope.mul_(-clip_factor), shift)  # the slope is ours: scale it in place

@@ -30,6 +30,11 @@ class StepMap:
         """(D(0) + D(G)) / 2: the shift from theta_t to the midpoint of the step."""
         return torch.addcmul(self.d0, self.slope, grad, value=0.5)
 
+    def midpoint_shift(self, grad: torch.Tensor) -> torch.Tensor:
+        """`midpoint(grad)` for the gradient the map was built at (any dtype): the fused kernel's when it
+        computed it, else computed in the map's dtype."""
+        return self.shift if self.shift is not None else self.midpoint(grad.to(self.d0.dtype))
+
 
 def scalar(x) -> float:
     """Hyperparameters may be Python numbers or 0-d tensors (e.g. a tensor lr)."""

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -26,10 +27,13 @@ from .checks import check_completeness, check_ids, check_loss
 from .config import Config
 from .errors import AttributionError, ConfigError, ShardshapError, StoreError
 from .estimators.owen import is_cold, owen_cold_start
+from .estimators.predict import predicted_grad
 from .ghost import Capture, plan
 from .optim.base import scalar
 from .target import evaluate_targets, target_gradients
 from .types import Recording, StepResult
+
+_UNSET: Any = object()  # "not given" (None is a valid value for targets)
 
 
 def _as_ids(x, j: int) -> torch.Tensor:
@@ -86,6 +90,15 @@ class _GatheredW(Mapping):
 
     def __len__(self):
         return len(self.owned)
+
+
+@dataclass
+class _StreamedStep:
+    """What the streaming schedule fixed before the step's training forward."""
+    W: dict            # id(param) -> full W [K, *shape] the in-backward products use
+    target_loss: torch.Tensor
+    lowrank: dict      # Capture.stream's low-rank info (empty for exact products)
+    bytes_sent: int    # communication of the target pass and the W gathers
 
 
 class Attributor(Stateful):
@@ -147,6 +160,9 @@ class Attributor(Stateful):
         self._writer = None  # opened at the first step, before it trains (the local batch size is known then)
         self._resume_step: Optional[int] = None
         self._recorded: list[Recording] = []  # this step's micro-batches so far
+        self._targets = _UNSET  # the targets given when this step began
+        self._stream: Optional[_StreamedStep] = None  # streaming: what the step's W was fixed with
+        self._previous_grad: dict[int, torch.Tensor] = {}  # stream_predictor='previous': last clipped gradient
 
     # ------------------------------------------------------------------ public API
     def step(self, batch, sample_ids, targets) -> StepResult:
@@ -164,6 +180,7 @@ class Attributor(Stateful):
             n = sum(len(i) for i in ids)
             c = 1.0 / n if self.config.reduction == "mean" else 1.0  # this rank's loss; the engines average
             self._check_store_fits(n)
+            self._begin_step(targets)
             for j, (mb, mids) in enumerate(zip(micro, ids)):
                 last = j == len(micro) - 1
                 with record_function("shardshap.forward_backward"), self._record(mids) as rec, \
@@ -193,13 +210,27 @@ class Attributor(Stateful):
 
     # ------------------------------------------------------------------ low-level API (user-owned loops)
     @contextmanager
-    def record(self, sample_ids):
+    def record(self, sample_ids, targets=_UNSET):
         """Capture one micro-batch of your own training forward (and the backward that follows it, inside
         or after the block): `with attr.record(ids) as rec: loss = ...; loss.backward()`. Set
-        `rec.sample_loss` (Tensor[b]) to store per-sample losses. Call once per micro-batch, in order."""
+        `rec.sample_loss` (Tensor[b]) to store per-sample losses. Call once per micro-batch, in order.
+        Under schedule='streaming' the target pass runs before the training forward: give `targets` to the
+        first record() of each step (and then call attribute() without them)."""
         if self.backend.owns_backward:
             raise AttributionError("the low-level API cannot drive DeepSpeed engines (DeepSpeed owns backward, "
                                    "clipping and step); use attr.step(batch, ids, targets)")
+        if not self._recorded:
+            if self.config.schedule == "streaming" and targets is _UNSET:
+                raise AttributionError("schedule='streaming' takes the target pass before the training forward: "
+                                       "pass the targets to the first record() of each step, "
+                                       "`attr.record(ids, targets=...)`")
+            try:
+                self._begin_step(targets)
+            except BaseException as err:
+                self.backend.zero_grad(self.optimizer)
+                self._discard()
+                _name_the_culprit(err)
+                raise
         with self._record(sample_ids) as rec:
             yield rec
 
@@ -220,7 +251,7 @@ class Attributor(Stateful):
             self._discard()
             raise
 
-    def attribute(self, targets, grad_norm: Optional[float] = None) -> StepResult:
+    def attribute(self, targets=_UNSET, grad_norm: Optional[float] = None) -> StepResult:
         """Values of the step about to be taken, from the micro-batches recorded since the last step. Call
         it after the last backward and BEFORE `optimizer.step()`; it never steps the optimizer.
 
@@ -233,6 +264,14 @@ class Attributor(Stateful):
             raise AttributionError("attribute() found no recorded micro-batch: wrap each micro-batch's forward "
                                    "in `with attr.record(sample_ids):` before its backward")
         try:
+            if targets is _UNSET:
+                targets = self._targets
+            if targets is _UNSET:
+                raise AttributionError("attribute() needs the targets (or, under schedule='streaming', the first "
+                                       "record() of the step has them)")
+            if self._stream is not None and targets is not self._targets:
+                raise AttributionError("schedule='streaming' took this step's target pass with the targets given "
+                                       "to record(); call attribute() without targets (or with the same object)")
             self._check_store_fits(sum(len(r.sample_ids) for r in self._recorded))
             result = self._attribute_recorded(targets, grad_norm)
             result.metadata["seconds"] = time.perf_counter() - t0
@@ -310,27 +349,78 @@ class Attributor(Stateful):
 
     def _discard(self) -> None:
         self._recorded = []
+        self._targets, self._stream = _UNSET, None
         self.capture.clear()
+
+    def _begin_step(self, targets) -> None:
+        """Before the step's first training forward: under schedule='streaming' (unless the step is a cold
+        one that Owen's start takes, cached), fix W and take products in the backward from now on."""
+        self._targets = targets
+        cfg = self.config
+        if cfg.schedule != "streaming":
+            return
+        with record_function("shardshap.shards"):
+            shards = self.backend.shards(self.optimizer, grads=False)
+        if self.estimator.uses_cold_start and cfg.cold_start == "owen" and any(
+                is_cold(self.update_rule, sh, cfg.cold_steps) for sh in shards.values()):
+            return
+        self._stream = self._fix_stream(targets, shards)
+
+    def _fix_stream(self, targets, shards) -> "_StreamedStep":
+        """The streaming schedule's W: the estimator frozen at the predicted batch gradient (clip factor 1;
+        the real one scales the values at the end) and the target gradients at the predicted midpoint."""
+        cfg, dtype, backend = self.config, self.dtype, self.backend
+        bytes_before = backend.bytes_sent
+        shards = {pid: replace(sh, grad=predicted_grad(
+            cfg.stream_predictor, self.update_rule, sh, self._previous_grad.get(pid), dtype))
+            for pid, sh in shards.items()}
+        with record_function("shardshap.freeze"):
+            frozen = {pid: self.estimator.freeze(self.update_rule, sh, 1.0, dtype, order=cfg.order,
+                                                 compiled=cfg.compile_math)
+                      for pid, sh in shards.items()}
+        h, target_loss = self._target_pass(targets, shards, frozen)
+        K = target_loss.numel()
+        attributed = list(self.plan.params.values())
+        owned = {id(p): frozen[id(p)].multiplier.unsqueeze(0) * hp if id(p) in shards and hp is not None else None
+                 for p, hp in zip(attributed, h)}
+        W = dict(_GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype))
+        lowrank = self.capture.stream(W, dtype, K, rank=cfg.product_rank)
+        return _StreamedStep(W, target_loss, lowrank, backend.bytes_sent - bytes_before)
+
+    def _target_pass(self, targets, shards, frozen):
+        with record_function("shardshap.target"), self.capture.paused():
+            return target_gradients(
+                self.backend, lambda: evaluate_targets(self.target_loss, self.module, targets, self.config,
+                                                       self._device),
+                list(self.plan.params.values()), shards, frozen, self.config, self.dtype)
+
+    def _clip(self, shards, grad_norm) -> float:
+        """Clip the owned gradients as the engine does; the factor (remembering the clipped gradient for
+        stream_predictor='previous')."""
+        cfg = self.config
+        with record_function("shardshap.clip"):
+            if grad_norm is None or cfg.max_grad_norm is None:
+                clip = self.backend.clip(shards, cfg.max_grad_norm)
+            else:  # the caller clipped already (low-level API): clip_grad_norm_'s factor for that norm
+                clip = min(1.0, cfg.max_grad_norm / (float(grad_norm) + 1e-6))
+        if cfg.schedule == "streaming" and cfg.stream_predictor == "previous":
+            self._previous_grad = {pid: sh.grad.to(self.dtype, copy=True) for pid, sh in shards.items()}
+        return clip
 
     def _attribute(self, targets, sizes, sample_ids, sample_loss, grad_norm=None) -> StepResult:
         cfg, opt, dtype, backend = self.config, self.optimizer, self.dtype, self.backend
         bytes_before = backend.bytes_sent
         with record_function("shardshap.shards"):
             shards = backend.shards(opt)  # this rank's elements of every parameter the optimizer moves
-        with record_function("shardshap.clip"):
-            if grad_norm is None or cfg.max_grad_norm is None:
-                clip = backend.clip(shards, cfg.max_grad_norm)
-            else:  # the caller clipped already (low-level API): clip_grad_norm_'s factor for that norm
-                clip = min(1.0, cfg.max_grad_norm / (float(grad_norm) + 1e-6))
+        clip = self._clip(shards, grad_norm)
+        if self._stream is not None:
+            return self._attribute_streamed(sizes, sample_ids, sample_loss, shards, clip)
         with record_function("shardshap.freeze"):
             frozen = {pid: self.estimator.freeze(self.update_rule, sh, clip, dtype, order=cfg.order,
                                                  compiled=cfg.compile_math)
                       for pid, sh in shards.items()}
         attributed = list(self.plan.params.values())
-        with record_function("shardshap.target"):
-            h, target_loss = target_gradients(
-                backend, lambda: evaluate_targets(self.target_loss, self.module, targets, cfg, self._device),
-                attributed, shards, frozen, cfg, dtype)
+        h, target_loss = self._target_pass(targets, shards, frozen)
         K = target_loss.numel()
         offset = None
         if self.estimator.uses_cold_start and cfg.cold_start == "owen":
@@ -359,16 +449,37 @@ class Attributor(Stateful):
         scores = torch.stack(list(per_param.values())).sum(0)
         if offset is not None:
             scores = scores + offset
-        group0 = opt.param_groups[0]
+        return self._result(scores, sample_ids, sample_loss, target_loss, clip, products.lowrank,
+                            bytes_sent=backend.bytes_sent - bytes_before, cold_start=offset is not None,
+                            schedule="cached")
+
+    def _attribute_streamed(self, sizes, sample_ids, sample_loss, shards, clip) -> StepResult:
+        """The streaming schedule's values: the products taken in the backward, times the real clip factor."""
+        backend, stream = self.backend, self._stream
+        bytes_before = backend.bytes_sent
+        per_param = self.capture.streamed(sizes)  # <c g_i, W> with W frozen at clip factor 1
+        if backend.distributed:  # the engines average gradients: each sample's share of the global gradient
+            per_param = {name: v / backend.dp_size for name, v in per_param.items()}
+        if self.config.check_completeness:
+            with record_function("shardshap.completeness"):
+                # <clipped gradient, W> / clip: the unclipped batch gradient, as the products use it
+                check_completeness(backend, self.plan, per_param, stream.W, None, shards, clip, self.dtype,
+                                   self.capture.cache_dtype is not None)
+        scores = torch.stack(list(per_param.values())).sum(0) * clip
+        return self._result(scores, sample_ids, sample_loss, stream.target_loss, clip, stream.lowrank,
+                            bytes_sent=stream.bytes_sent + backend.bytes_sent - bytes_before, cold_start=False,
+                            schedule="streaming")
+
+    def _result(self, scores, sample_ids, sample_loss, target_loss, clip, lowrank, **metadata) -> StepResult:
+        cfg = self.config
         return StepResult(
             scores=scores, sample_ids=sample_ids,
             loss=sample_loss.mean() if cfg.reduction == "mean" else sample_loss.sum(),  # NaN if unrecorded
-            sample_loss=sample_loss, step=self.step_index, lr=scalar(group0["lr"]),
+            sample_loss=sample_loss, step=self.step_index, lr=scalar(self.optimizer.param_groups[0]["lr"]),
             target_loss=target_loss, clip_factor=clip,
             metadata={"estimator": cfg.estimator, "order": cfg.order, "excluded": self.excluded,
-                      "bytes_sent": backend.bytes_sent - bytes_before,
-                      "cold_start": offset is not None, "product_rank": cfg.product_rank,
-                      **{f"product_{k}": v for k, v in products.lowrank.items()}})
+                      "product_rank": cfg.product_rank, **metadata,
+                      **{f"product_{k}": v for k, v in lowrank.items()}})
 
     # ------------------------------------------------------------------ store
     def _check_store_fits(self, local_samples: int) -> None:

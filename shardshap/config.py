@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 from .estimators import ESTIMATORS
+from .estimators.predict import STREAM_PREDICTORS
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -95,12 +96,26 @@ class Config:
         "ranks).")})
     num_samples: Optional[int] = field(default=None, metadata={"help": (
         "Size of the training set (sample ids are in [0, num_samples)). Required when writing a store.")})
-    cold_start: str = field(default="owen", metadata={"help": (
+    schedule: str = field(default="cached", metadata={"help": (
+        "When the per-sample products are taken. 'cached': every attributed module's input and output "
+        "gradient is kept until the end of the step, then multiplied by the W of the real step (exact; memory "
+        "grows with the micro-batches of the step). 'streaming': W is fixed before the training forward, at a "
+        "predicted batch gradient (`stream_predictor`), and each module's products are taken in the backward "
+        "as soon as its output gradient exists, so nothing is kept across modules or micro-batches (flat "
+        "memory, activation checkpointing keeps its saving). docs/method.md has the fidelity of each.")})
+    stream_predictor: str = field(default="previous", metadata={"help": (
+        "Streaming only: the batch gradient that fixes the secant slope and the midpoint before the "
+        "backward. 'previous' (the previous step's clipped gradient; one gradient-sized copy per rank), "
+        "'momentum' (the optimizer's bias-corrected first moment: Adam/AdamW, SGD with momentum; none kept) or "
+        "'zero' (only what momentum and weight decay do). The clip factor itself is the real one.")})
+    cold_start: Optional[str] = field(default=None, metadata={"help": (
         "Estimator for the first `cold_steps` steps of Adam/AdamW (state near zero, update close to "
         "lr*sign(g), where the secant's slope is ill-conditioned): 'owen' (Owen's multilinear extension of "
         "the true per-coordinate update with Gaussian coalition sums; needs the exact per-coordinate sum of "
         "squared per-sample gradients, one extra weight-gradient-sized pass) or 'none' (plain secant). "
-        "Applies to estimator='secant'; SGD's update is affine, so the secant is already exact there.")})
+        "Applies to estimator='secant'; SGD's update is affine, so the secant is already exact there. "
+        "Owen needs the real batch gradient, so under schedule='streaming' its steps run cached. Default: "
+        "'owen' for the cached schedule, 'none' for streaming (memory stays flat from the first step).")})
     cold_steps: int = field(default=10, metadata={"help": (
         "Number of first optimizer steps (counted by the optimizer's own state, so a resumed optimizer is "
         "not cold) that use `cold_start`.")})
@@ -122,6 +137,10 @@ class Config:
         _choice("curvature", self.curvature, ("midpoint", "hvp"))
         _choice("reduction", self.reduction, ("mean", "sum"))
         _choice("compute_dtype", self.compute_dtype, ("auto", "float32", "float64"))
+        _choice("schedule", self.schedule, ("cached", "streaming"))
+        _choice("stream_predictor", self.stream_predictor, STREAM_PREDICTORS)
+        if self.cold_start is None:
+            self.cold_start = "owen" if self.schedule == "cached" else "none"
         _choice("cold_start", self.cold_start, ("owen", "none"))
         _choice("target_sharding", self.target_sharding, ("replicated", "split"))
         _choice("cache_dtype", self.cache_dtype, (None, "bfloat16"))

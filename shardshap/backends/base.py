@@ -39,7 +39,7 @@ class OwnedSlice:
     """
     param: nn.Parameter   # the registered parameter (the key of the attribution plan)
     value: torch.Tensor   # writable view of the owned elements (the values the optimizer updates)
-    grad: torch.Tensor    # the owned elements of the gradient the optimizer receives
+    grad: Optional[torch.Tensor]  # the owned elements of the gradient the optimizer receives
     state: dict           # optimizer state of the owned elements (tensors flat; scalars as they are)
     group: dict           # the parameter group's hyperparameters
     start: int = 0        # offset of the owned range in param.flatten()
@@ -109,9 +109,11 @@ class Backend(ABC):
 
     # ---------------------------------------------------------------- parameters
     @abstractmethod
-    def shards(self, optimizer) -> dict[int, OwnedSlice]:
+    def shards(self, optimizer, grads: bool = True) -> dict[int, OwnedSlice]:
         """id(param) -> OwnedSlice, for every optimizer parameter that has a gradient this step. Across the
-        data-parallel ranks the owned ranges of a parameter cover each of its elements exactly once."""
+        data-parallel ranks the owned ranges of a parameter cover each of its elements exactly once.
+        `grads=False` (before the backward, streaming schedule): every trainable optimizer parameter, with
+        `grad` None."""
 
     @abstractmethod
     def clip(self, shards: dict[int, OwnedSlice], max_norm: Optional[float]) -> float:

@@ -179,15 +179,15 @@ class ZeroBackend(Backend):
         self._micro = 0
 
     # ---------------------------------------------------------------- shards
-    def shards(self, optimizer) -> dict[int, OwnedSlice]:
-        return self._shards_zero3() if self.stage == 3 else self._shards_zero12()
+    def shards(self, optimizer, grads: bool = True) -> dict[int, OwnedSlice]:
+        return self._shards_zero3(grads) if self.stage == 3 else self._shards_zero12(grads)
 
     @staticmethod
     def _state_slice(state: dict, flat: torch.Tensor, start: int, numel: int) -> dict:
         return {k: (v.narrow(0, start, numel) if torch.is_tensor(v) and v.shape == flat.shape else v)
                 for k, v in state.items()}
 
-    def _shards_zero12(self) -> dict[int, OwnedSlice]:
+    def _shards_zero12(self, grads: bool) -> dict[int, OwnedSlice]:
         z = self.zero
         out = {}
         for p in self.params:
@@ -198,18 +198,22 @@ class ZeroBackend(Backend):
             hm = p._hp_mapping
             if hm is None:  # this rank owns no element of p
                 empty = flat.new_empty(0)
-                out[id(p)] = OwnedSlice(p, empty, empty.clone(), self._state_slice(state, flat, 0, 0), group, 0)
+                out[id(p)] = OwnedSlice(p, empty, empty.clone() if grads else None,
+                                        self._state_slice(state, flat, 0, 0), group, 0)
                 continue
             a, h = hm.lp_fragment_address, hm.hp_fragment_address
-            grad = hm.get_lp_grad_fragment(p._index_in_param_group).to(torch.float32).flatten()
-            if grad.numel() == p.numel() and grad.numel() != a.numel:  # a full-size accumulation buffer
-                grad = grad.narrow(0, a.start, a.numel)
+            grad = None
+            if grads:
+                grad = hm.get_lp_grad_fragment(p._index_in_param_group).to(torch.float32).flatten()
+                if grad.numel() == p.numel() and grad.numel() != a.numel:  # a full-size accumulation buffer
+                    grad = grad.narrow(0, a.start, a.numel)
+                grad = grad.detach().clone()
             value = flat.narrow(0, h.start, h.numel)
-            out[id(p)] = OwnedSlice(p, value, grad.detach().clone(), self._state_slice(state, flat, h.start, h.numel),
-                               group, int(a.start))
+            out[id(p)] = OwnedSlice(p, value, grad, self._state_slice(state, flat, h.start, h.numel),
+                                    group, int(a.start))
         return out
 
-    def _shards_zero3(self) -> dict[int, OwnedSlice]:
+    def _shards_zero3(self, grads: bool) -> dict[int, OwnedSlice]:
         from deepspeed.utils import safe_get_local_grad
         z = self.zero
         out = {}
@@ -219,7 +223,7 @@ class ZeroBackend(Backend):
             group = z.optimizer.param_groups[z.sub_group_to_group_id[sub]]
             state = z.optimizer.state.get(flat, {})
             start, k = self._owned_range(p)
-            grad = safe_get_local_grad(p).detach().flatten()[:k].to(torch.float32).clone()
+            grad = safe_get_local_grad(p).detach().flatten()[:k].to(torch.float32).clone() if grads else None
             out[id(p)] = OwnedSlice(p, flat.narrow(0, offset, k), grad, self._state_slice(state, flat, offset, k),
                                group, start)
         return out

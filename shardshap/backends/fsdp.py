@@ -52,13 +52,13 @@ class FSDP2Backend(Backend):
     def _chunk_rows(self, p) -> int:
         return math.ceil(p.shape[0] / self.dp_size)  # torch.chunk, as fully_shard splits dim 0
 
-    def shards(self, optimizer) -> dict[int, OwnedSlice]:
+    def shards(self, optimizer, grads: bool = True) -> dict[int, OwnedSlice]:
         DTensor, _ = _dtensor()
         local = lambda t: t.to_local() if isinstance(t, DTensor) else t
         out = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if (p.grad is None) if grads else not p.requires_grad:
                     continue
                 with torch.no_grad():
                     value = local(p).view(-1)  # a view: in-place shifts reach FSDP's sharded storage
@@ -66,7 +66,7 @@ class FSDP2Backend(Backend):
                          for k, v in optimizer.state.get(p, {}).items()}
                 row = math.prod(p.shape[1:])
                 start = min(self.dp_rank * self._chunk_rows(p), p.shape[0]) * row
-                out[id(p)] = OwnedSlice(p, value, local(p.grad).view(-1), state, group, start)
+                out[id(p)] = OwnedSlice(p, value, local(p.grad).view(-1) if grads else None, state, group, start)
         return out
 
     def clip(self, shards, max_norm) -> float:

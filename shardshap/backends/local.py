@@ -25,15 +25,15 @@ class LocalBackend(Backend):
     def __init__(self, model: nn.Module, module: nn.Module | None = None, dp_group=None):
         super().__init__(model, model if module is None else module, dp_group)
 
-    def shards(self, optimizer) -> dict[int, OwnedSlice]:
+    def shards(self, optimizer, grads: bool = True) -> dict[int, OwnedSlice]:
         out = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                if (p.grad is None) if grads else not p.requires_grad:
                     continue
                 state = {k: (v.view(-1) if torch.is_tensor(v) and v.shape == p.shape else v)
                          for k, v in optimizer.state.get(p, {}).items()}
-                out[id(p)] = OwnedSlice(p, p.detach().view(-1), p.grad.view(-1), state, group)
+                out[id(p)] = OwnedSlice(p, p.detach().view(-1), p.grad.view(-1) if grads else None, state, group)
         return out
 
     def clip(self, shards: dict[int, OwnedSlice], max_norm) -> float:
@@ -55,10 +55,16 @@ class LocalBackend(Backend):
                          ) -> tuple[list, torch.Tensor]:
         value = evaluate()
         grads = [[] for _ in params]
-        for k in range(value.numel()):
-            gk = torch.autograd.grad(value[k], params, retain_graph=k < value.numel() - 1, allow_unused=True)
-            for acc, g in zip(grads, gk):
-                acc.append(None if g is None else g.detach().to(dtype).reshape(-1))
+        try:
+            for k in range(value.numel()):
+                gk = torch.autograd.grad(value[k], params, retain_graph=k < value.numel() - 1, allow_unused=True)
+                for acc, g in zip(grads, gk):
+                    acc.append(None if g is None else g.detach().to(dtype).reshape(-1))
+        except RuntimeError as err:
+            if "use_reentrant=True" not in str(err):
+                raise
+            # reentrant activation checkpointing refuses autograd.grad(): backward() instead
+            value, grads = self._backward_gradients(evaluate, params, dtype)
         h = [None if any(x is None for x in g) else g[0].unsqueeze(0) if len(g) == 1 else torch.stack(g)
              for g in grads]  # one target: a view, not a copy of every gradient
         value = value.detach()
@@ -67,6 +73,28 @@ class LocalBackend(Backend):
                                      if x is None else x) / self.dp_size for x, p in zip(h, params)]
             value = self.all_reduce_sum(value.clone()) / self.dp_size
         return h, value
+
+    def _backward_gradients(self, evaluate, params, dtype):
+        """Target gradients by `backward()` into `.grad` (which a reentrant checkpoint accumulates into for
+        every parameter it holds, whatever `inputs=` says), with the training gradients set aside and put
+        back untouched; returns (losses, [[K gradients] per parameter])."""
+        everything = list(self.module.parameters())
+        saved = [p.grad for p in everything]
+        grads = [[] for _ in params]
+        try:
+            for p in everything:
+                p.grad = None
+            value = evaluate()
+            for k in range(value.numel()):
+                value[k].backward(retain_graph=k < value.numel() - 1)
+                for acc, p in zip(grads, params):
+                    acc.append(None if p.grad is None else p.grad.detach().to(dtype).reshape(-1))
+                for p in everything:
+                    p.grad = None
+        finally:
+            for p, g in zip(everything, saved):
+                p.grad = g
+        return value, grads
 
     def gather(self, shard: OwnedSlice, owned: torch.Tensor) -> torch.Tensor:
         return owned.reshape(owned.shape[0], *shard.param.shape)

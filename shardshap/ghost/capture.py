@@ -109,16 +109,54 @@ class _Call:
     e: Optional[torch.Tensor] = None
     grads: Optional[dict[str, torch.Tensor]] = None  # per-sample gradients (ProductRule.reduce_in_backward)
 
-    @property
-    def done(self) -> bool:
-        """The backward reached this call (a forward without backward, e.g. under no_grad, leaves nothing)."""
-        return self.e is not None or self.grads is not None
+
+class _Tap(torch.autograd.Function):
+    """Identity on a module's output whose backward hands (module input, output gradient) to `sink`.
+
+    The input is kept with `save_for_backward`, so activation checkpointing drops and recomputes it like
+    autograd's own saved tensors, and the sink runs once, in whichever pass autograd backpropagates
+    through (the recomputation under reentrant checkpointing, the original forward otherwise). The output
+    is returned detached rather than as a view, so that in-place ops on it stay legal."""
+
+    @staticmethod
+    def forward(ctx, output, a, sink):
+        ctx.sink = sink
+        ctx.save_for_backward(a)
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        ctx.sink(a, grad.detach())
+        return grad, None, None
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward now (a forward hook then fires in a checkpoint's recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _call_products(am: AttributedModule, a, e, grads, Wm, work: torch.dtype) -> dict[str, torch.Tensor]:
+    """One module call's {param: [b, K]} products, from (a, e) or from its per-sample gradients."""
+    if grads is not None:
+        return grads_products(grads, Wm)
+    a = a if not a.is_floating_point() else a.to(work)
+    return am.rule.products(am.module, a, e.to(work), Wm)
+
+
+class _Stream:
+    """The streaming schedule's fixed W and the products taken so far, per micro-batch."""
+
+    def __init__(self, Wm: dict[str, dict], K: int, dtype: torch.dtype):
+        self.Wm, self.K, self.dtype = Wm, K, dtype  # Wm: module name -> {local param name: W or Factors}
+        self.out: dict[int, dict[str, torch.Tensor]] = {}  # micro-batch -> canonical name -> [b, K]
 
 
 class Capture:
-    """Forward hooks cache each attributed module's input; a tensor hook on its output caches the
-    gradient there. Active only inside `recording()` (training forward/backward), never during
-    target passes."""
+    """Forward hooks tap each attributed module's output; in the backward the tap receives the module's
+    input and output gradient. The cached schedule keeps them until `products`; the streaming schedule
+    (`stream`) turns them into products at once. Active only inside `recording()` (training forward, and
+    its backward even after the block), never during target passes (`paused`)."""
 
     def __init__(self, plan_: Plan, cache_dtype: Optional[torch.dtype] = None,
                  compute_dtype: Optional[torch.dtype] = None):
@@ -130,45 +168,71 @@ class Capture:
         # products are GEMMs that bf16 units speed up); norms and embeddings gain nothing and stay as they are
         self.cache_dtype = cache_dtype
         self.calls: dict[str, list[_Call]] = {am.name: [] for am in plan_.modules}
+        self._names = {id(p): n for n, p in plan_.params.items()}
         self._batch_size: Optional[int] = None
         self._micro = 0
+        self._last: Optional[tuple[int, int]] = None  # (batch size, micro-batch) of the latest recording
+        self._paused = False
+        self._stream: Optional[_Stream] = None
         self._handles = []
         for am in plan_.modules:
             self._handles.append(am.module.register_forward_hook(self._hook(am)))
 
+    def _context(self) -> Optional[tuple[int, int]]:
+        """(batch size, micro-batch) a module call belongs to, or None when it is not recorded."""
+        if self._paused:
+            return None
+        if self._batch_size is not None:
+            return self._batch_size, self._micro
+        # a checkpoint's recomputation in a backward run after the recording block must tap as the
+        # original forward did (reentrant: that is where the products come from; non-reentrant: the
+        # recomputed saved tensors must match the original ones)
+        return self._last if self._last is not None and _in_backward() else None
+
     def _hook(self, am: AttributedModule):
         def hook(module, args, output):
-            if self._batch_size is None:
+            context = self._context()
+            if context is None:
                 return None
+            batch_size, micro = context
             a = args[0]
-            expanded = am.rule.per_sample_view(module, args, output, self._batch_size)
+            expanded = am.rule.per_sample_view(module, args, output, batch_size)
             if expanded is not None:
                 a, output = expanded
-            if a.dim() == 0 or a.shape[0] != self._batch_size:
+            if a.dim() == 0 or a.shape[0] != batch_size:
                 raise BatchShapeError(
                     f"module {am.name!r} ({type(module).__name__}) was called with an input of shape "
-                    f"{tuple(a.shape)} but sample_ids gives this micro-batch {self._batch_size} samples. Either "
+                    f"{tuple(a.shape)} but sample_ids gives this micro-batch {batch_size} samples. Either "
                     "sample_ids does not match the batch (one id per sample, in batch order), or the module does "
                     "not take the batch as the first dimension of its input (exclude it with "
                     "Config(exclude=[...]) if it is shared across the batch).")
-            low = self._low_dtype(am)
-            call = _Call(self._micro, _cast(a.detach(), low))
-            self.calls[am.name].append(call)
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                if am.rule.reduce_in_backward:
-                    output.register_hook(lambda g, call=call: self._reduce(am, call, g.detach()))
-                else:
-                    output.register_hook(lambda g, call=call: setattr(call, "e", _cast(g.detach(), low)))
-            return output if expanded is not None else None
+            if not (isinstance(output, torch.Tensor) and output.requires_grad):
+                # no backward reaches this call (no_grad, or a reentrant checkpoint's first pass)
+                return output if expanded is not None else None
+            return _Tap.apply(output, a.detach(), lambda a_, e_: self._arrived(am, micro, batch_size, a_, e_))
         return hook
 
-    def _reduce(self, am: AttributedModule, call: _Call, e: torch.Tensor) -> None:
-        """Take the per-sample gradients while e is hot and release the input (returns None: the gradient
-        flowing on is untouched)."""
-        dtype = self.compute_dtype or torch.promote_types(e.dtype, torch.float32)
-        a = call.a.to(dtype) if call.a.is_floating_point() else call.a
-        call.grads = am.rule.per_sample_grads(am.module, a, e.to(dtype), list(am.params))
-        call.a = None
+    def _arrived(self, am: AttributedModule, micro: int, batch_size: int, a: torch.Tensor, e: torch.Tensor) -> None:
+        """The backward reached one call of `am`: its input `a` and output gradient `e` are hot."""
+        low = self._low_dtype(am)
+        grads = None
+        if am.rule.reduce_in_backward:  # take the per-sample gradients now and keep them instead of (a, e)
+            dtype = self.compute_dtype or torch.promote_types(e.dtype, torch.float32)
+            grads = am.rule.per_sample_grads(am.module, a.to(dtype) if a.is_floating_point() else a, e.to(dtype),
+                                             list(am.params))
+            a = e = None
+        stream = self._stream
+        if stream is None:
+            self.calls[am.name].append(_Call(micro, None if a is None else _cast(a, low),
+                                             None if e is None else _cast(e, low), grads))
+            return
+        with record_function(f"shardshap.products.{type(am.rule).__name__}"):
+            res = _call_products(am, a, e, grads, stream.Wm[am.name], stream.dtype if low is None else low)
+        out = stream.out.setdefault(micro, {})
+        for local, val in res.items():
+            name = self._names[id(am.params[local])]
+            acc = out.get(name)
+            out[name] = val.to(stream.dtype) if acc is None else acc + val
 
     def _low_dtype(self, am: AttributedModule) -> Optional[torch.dtype]:
         """The dtype a module's captures are kept and multiplied in, or None for as they come."""
@@ -177,20 +241,65 @@ class Capture:
     @contextmanager
     def recording(self, batch_size: int, micro: int):
         self._batch_size, self._micro = batch_size, micro
+        self._last = (batch_size, micro)
         try:
             yield
         finally:
             self._batch_size = None
 
+    @contextmanager
+    def paused(self):
+        """No capture inside (target passes, even through a checkpoint's recomputation)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def clear(self) -> None:
         for calls in self.calls.values():
             calls.clear()
+        self._stream = None
+        self._last = None
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self.clear()
+
+    # ---------------------------------------------------------------- streaming schedule
+    def stream(self, W: Mapping[int, torch.Tensor], dtype: torch.dtype, K: int, rank: Optional[int] = None) -> dict:
+        """Take this step's products in the backward, against the fixed `W` (id(param) -> [K, *shape]),
+        instead of keeping captures. With `rank`, matrix weights use low-rank factors (their entries of the
+        dict `W` become the rank-r approximations, as in `products`). Returns the low-rank info."""
+        info, factors = {}, {}
+        if rank is not None:
+            with record_function("shardshap.products.factorize"):
+                factors, info = self._factorize(W, rank, self._names)
+        Wm = {}
+        for am in self.plan.modules:
+            work = self._low_dtype(am) or dtype
+            Wm[am.name] = {local: W[id(p)].to(work) for local, p in am.params.items()}
+            if "weight" in am.params and id(am.params["weight"]) in factors:
+                rule, f = factors[id(am.params["weight"])]
+                if rule is am.rule:
+                    Wm[am.name]["weight"] = f if work == dtype else Factors(f.left.to(work), f.right.to(work),
+                                                                             f.energy)
+        self._stream = _Stream(Wm, K, dtype)
+        return info
+
+    def streamed(self, batch_sizes: list[int]) -> dict[str, torch.Tensor]:
+        """The streamed products of the step: canonical name -> [sum(batch_sizes), K] (zeros where no
+        backward reached a parameter)."""
+        stream = self._stream
+        device = next(iter(self.plan.params.values())).device
+        out = {}
+        for name in self.plan.params:
+            parts = [stream.out.get(j, {}).get(name) for j in range(len(batch_sizes))]
+            out[name] = torch.cat([torch.zeros(b, stream.K, dtype=stream.dtype, device=device) if x is None else x
+                                   for x, b in zip(parts, batch_sizes)])
+        return out
 
     def products(self, W: Mapping[int, torch.Tensor], batch_sizes: list[int], dtype: torch.dtype,
                  rank: Optional[int] = None, num_targets: Optional[int] = None) -> Products:
@@ -207,7 +316,7 @@ class Capture:
         offsets = [0]
         for b in batch_sizes:
             offsets.append(offsets[-1] + b)
-        names = {id(p): n for n, p in self.plan.params.items()}
+        names = self._names
         K = num_targets if num_targets is not None else next(iter(W.values())).shape[0]
         device = next(iter(self.plan.params.values())).device
         out = {n: torch.zeros(offsets[-1], K, dtype=dtype, device=device) for n in self.plan.params}
@@ -226,13 +335,7 @@ class Capture:
                     Wm["weight"] = f if low is None else Factors(f.left.to(low), f.right.to(low), f.energy)
             for call in self.calls[am.name]:
                 with record_function(f"shardshap.products.{type(am.rule).__name__}"):
-                    if call.grads is not None:
-                        res = grads_products(call.grads, Wm)
-                    elif call.e is not None:
-                        a = call.a if not call.a.is_floating_point() else call.a.to(work)
-                        res = am.rule.products(am.module, a, call.e.to(work), Wm)
-                    else:
-                        continue
+                    res = _call_products(am, call.a, call.e, call.grads, Wm, work)
                 lo, hi = offsets[call.micro], offsets[call.micro + 1]
                 for local, val in res.items():
                     out[names[id(am.params[local])]][lo:hi] += val
@@ -285,7 +388,7 @@ class Capture:
                 acc: dict[int, torch.Tensor] = {}
                 for am, names in uses:
                     for call in self.calls[am.name]:
-                        if call.micro != micro or not call.done:
+                        if call.micro != micro:
                             continue
                         if call.grads is not None:
                             grads = {local: call.grads[local][lo:hi].to(dtype) for local in names}

@@ -109,6 +109,15 @@ class AdamRule(UpdateRule):
         sign = -1.0 if group.get("maximize", False) else 1.0
         return lr, b1, b2, eps, 1 - b1 ** t, 1 - b2 ** t, m, v, vmax, u0, decay, sign
 
+    def expected_grad(self, param, group, state, dtype):
+        if "exp_avg" not in state or scalar(state.get("step", 0)) == 0:
+            return None
+        lr, b1, b2, eps, wd, t, decoupled = self._hyper(param, group, state)
+        u = state["exp_avg"].detach().to(dtype) / (1 - b1 ** (t - 1))  # the optimizer's input, as m expects it
+        if not decoupled and wd != 0:
+            u = u - wd * param.detach().to(dtype)
+        return -u if group.get("maximize", False) else u
+
     def displacement_fn(self, param, group, state, dtype):
         lr, b1, b2, eps, bc1, bc2, m, v, vmax, u0, decay, sign = self._frozen(param, group, state, dtype)
 

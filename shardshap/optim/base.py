@@ -58,6 +58,11 @@ class UpdateRule:
         """1-based index of the step about to be taken, for optimizers whose map depends on it."""
         return None
 
+    def expected_grad(self, param, group, state, dtype) -> Optional[torch.Tensor]:
+        """The gradient the optimizer's momentum expects next (its first moment, bias-corrected, with L2
+        weight decay and `maximize` undone), or None where the rule keeps no such state."""
+        return None
+
     def displacement_fn(self, param, group, state, dtype):
         """G -> D(G) for any gradient tensor G (the real update map, frozen state); nonlinear rules only."""
         raise NotImplementedError(f"{self.name}: the update map is affine; use step_map")

@@ -1,6 +1,8 @@
 """torch.optim.SGD: momentum, dampening, Nesterov, weight decay, maximize. D is affine in G."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .base import StepMap, UpdateRule, scalar
@@ -28,3 +30,12 @@ class SGDRule(UpdateRule):
                 direction0, du = new_buf0, 1 - damp
         slope = torch.full_like(theta, -lr * du * sign)
         return StepMap(d0=-lr * direction0, slope=slope)
+
+    def expected_grad(self, param, group, state, dtype) -> Optional[torch.Tensor]:
+        mu, damp = scalar(group["momentum"]), scalar(group["dampening"])
+        buf = state.get("momentum_buffer") if mu != 0 else None
+        if buf is None or damp >= 1:
+            return None
+        # the buffer's steady state is (1 - damp) / (1 - mu) times the optimizer's input u = sign g + wd theta
+        u = buf.detach().to(dtype) * ((1 - mu) / (1 - damp)) - scalar(group["weight_decay"]) * param.detach().to(dtype)
+        return -u if group.get("maximize", False) else u

@@ -103,11 +103,12 @@ class Config:
         "predicted batch gradient (`stream_predictor`), and each module's products are taken in the backward "
         "as soon as its output gradient exists, so nothing is kept across modules or micro-batches (flat "
         "memory, activation checkpointing keeps its saving). docs/method.md has the fidelity of each.")})
-    stream_predictor: str = field(default="previous", metadata={"help": (
+    stream_predictor: str = field(default="momentum", metadata={"help": (
         "Streaming only: the batch gradient that fixes the secant slope and the midpoint before the "
-        "backward. 'previous' (the previous step's clipped gradient; one gradient-sized copy per rank), "
-        "'momentum' (the optimizer's bias-corrected first moment: Adam/AdamW, SGD with momentum; none kept) or "
-        "'zero' (only what momentum and weight decay do). The clip factor itself is the real one.")})
+        "backward. 'momentum' (the optimizer's bias-corrected first moment: Adam/AdamW, SGD with momentum; "
+        "nothing kept; zero where the optimizer has no momentum state), 'previous' (the previous step's "
+        "clipped gradient; one gradient-sized copy per rank) or 'zero' (only what momentum and weight decay "
+        "do). The clip factor is the real one in every case.")})
     cold_start: Optional[str] = field(default=None, metadata={"help": (
         "Estimator for the first `cold_steps` steps of Adam/AdamW (state near zero, update close to "
         "lr*sign(g), where the secant's slope is ill-conditioned): 'owen' (Owen's multilinear extension of "

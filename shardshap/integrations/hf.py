@@ -119,11 +119,12 @@ class ShardshapCallback(TrainerCallback):
         if self._open is not None:  # the previous training forward raised: drop what it recorded
             self._open.__exit__(AttributionError, AttributionError("the previous training forward failed"), None)
         self._open = ExitStack()
-        self._rec = self._open.enter_context(self.attributor.record(torch.as_tensor(ids).reshape(-1)))
+        self._rec = self._open.enter_context(self.attributor.record(torch.as_tensor(ids).reshape(-1),
+                                                                     targets=self.targets))
         return args, kwargs
 
     def _after_forward(self, module, args, kwargs, output):
-        if self._open is None:
+        if self._open is None or self._in_target_pass:  # (streaming: the target pass runs inside record())
             return None
         logits, labels = getattr(output, "logits", None), kwargs.get("labels")
         if logits is not None and labels is not None:

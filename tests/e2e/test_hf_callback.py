@@ -35,7 +35,7 @@ def data():
     return Rows(ids[:N]), val
 
 
-def train(tmp_path, callback, optim="adamw_torch", lr=5e-3, steps=6):
+def train(tmp_path, callback, optim="adamw_torch", lr=5e-3, steps=6, checkpointing=False):
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
@@ -44,7 +44,7 @@ def train(tmp_path, callback, optim="adamw_torch", lr=5e-3, steps=6):
                              gradient_accumulation_steps=2, learning_rate=lr, max_grad_norm=0.5, optim=optim,
                              lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=1000,
                              save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, seed=0,
-                             dataloader_num_workers=0)
+                             dataloader_num_workers=0, gradient_checkpointing=checkpointing)
     train_set, _ = data()
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
                       callbacks=[callback] if callback else None)
@@ -52,11 +52,15 @@ def train(tmp_path, callback, optim="adamw_torch", lr=5e-3, steps=6):
     return model, args
 
 
-def test_training_unchanged_and_store_complete(tmp_path):
+@pytest.mark.parametrize("schedule,checkpointing", [("cached", False), ("cached", True), ("streaming", True)])
+def test_training_unchanged_and_store_complete(tmp_path, schedule, checkpointing):
+    """Trainer's gradient_checkpointing is reentrant torch.utils.checkpoint (the target pass cannot use
+    autograd.grad through it)."""
     _, val = data()
-    plain, _ = train(tmp_path / "plain", None)
-    cb = ShardshapCallback(val, shardshap.Config(), store=str(tmp_path / "run.zarr"))
-    attributed, args = train(tmp_path / "attr", cb)
+    plain, _ = train(tmp_path / "plain", None, checkpointing=checkpointing)
+    cb = ShardshapCallback(val, shardshap.Config(schedule=schedule), store=str(tmp_path / "run.zarr"))
+    attributed, args = train(tmp_path / "attr", cb, checkpointing=checkpointing)
+    assert cb.last.metadata["schedule"] == schedule
     assert args.max_grad_norm == 0.5, "the callback restores TrainingArguments after training"
     for (name, p), q in zip(plain.named_parameters(), attributed.parameters()):
         assert torch.equal(p, q), f"{name} changed by attribution"

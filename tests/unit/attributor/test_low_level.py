@@ -33,28 +33,35 @@ def per_sample_contributions(model, batch, total_tokens):
     return vmap(grad(one), in_dims=(None, 0, 0))(params, ids, mask)
 
 
-@pytest.mark.parametrize("who_clips", ["shardshap", "user"])
-def test_values_equal_per_sample_gradient_reference(who_clips):
+@pytest.mark.parametrize("who_clips,schedule", [("shardshap", "cached"), ("user", "cached"),
+                                                ("shardshap", "streaming"), ("user", "streaming")])
+def test_values_equal_per_sample_gradient_reference(who_clips, schedule):
     """estimator='sgd', order 1: value_i = clip * lr * <g_i, h(theta_t)> with g_i sample i's contribution to
-    the accumulated gradient of the user's own loss (two micro-batches)."""
+    the accumulated gradient of the user's own loss (two micro-batches). W does not depend on the batch
+    gradient here, so the streaming schedule (products in the backward, the second micro-batch's backward
+    after its recording block) must give the same values."""
     case = cases.tiny_gpt2(batch_size=8)
     lr, max_norm = 0.05, 0.05
     opt = torch.optim.SGD(case.model.parameters(), lr=lr)
-    cfg = shardshap.Config(estimator="sgd", order=1, max_grad_norm=max_norm)
+    cfg = shardshap.Config(estimator="sgd", order=1, max_grad_norm=max_norm, schedule=schedule)
     ref_model = copy.deepcopy(case.model)
     attr = shardshap.Attributor(case.model, opt, None, case.target_loss, cfg)
     (ids, mask), sample_ids = case.batches(0)
     micro = [(ids[:5], mask[:5]), (ids[5:], mask[5:])]
     total = mask[:, 1:].sum()
     opt.zero_grad()
-    for mb, mids in zip(micro, [sample_ids[:5], sample_ids[5:]]):
-        with attr.record(mids):
+    for j, (mb, mids) in enumerate(zip(micro, [sample_ids[:5], sample_ids[5:]])):
+        with attr.record(mids, **({"targets": None} if j == 0 else {})):
             s, _ = tokens_mean_loss(case, case.model, mb)
+            if j == 0:
+                (s / total).backward()
+        if j == 1:  # a backward after the block is still recorded
             (s / total).backward()
     norm = None
     if who_clips == "user":
         norm = torch.nn.utils.clip_grad_norm_(case.model.parameters(), max_norm)
-    out = attr.attribute(None, grad_norm=norm)
+    out = attr.attribute(grad_norm=norm) if schedule == "streaming" else attr.attribute(None, grad_norm=norm)
+    assert out.metadata["schedule"] == schedule
     opt.step()
 
     per_micro = [per_sample_contributions(ref_model, mb, total) for mb in micro]

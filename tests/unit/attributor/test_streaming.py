@@ -1,0 +1,134 @@
+"""The streaming schedule and activation checkpointing: captures taken once whatever the checkpointing,
+values unchanged by it, training unchanged, and streaming's fidelity against the cached (exact) schedule."""
+import copy
+
+import pytest
+import torch
+
+import shardshap
+from shardshap.ghost.capture import Capture
+from shardshap.testing import cases
+from shardshap.testing.references import assert_same
+
+
+def pearson(a, b):
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def run(case, config, steps, micro=2, checkpointing=None, lr=1e-3):
+    """(values per step, model, optimizer) of `steps` AdamW steps of `micro` micro-batches each."""
+    model = copy.deepcopy(case.model)
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    values = []
+    with shardshap.Attributor(model, opt, case.train_loss, case.target_loss, config) as attr:
+        for t in range(steps):
+            mbs = [case.batches(t * micro + j) for j in range(micro)]
+            out = attr.step([b for b, _ in mbs], [i for _, i in mbs], case.targets)
+            values.append(out)
+    return values, model, opt
+
+
+def plain(case, steps, micro=2, checkpointing=None, lr=1e-3, max_norm=1.0):
+    model = copy.deepcopy(case.model)
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    for t in range(steps):
+        mbs = [case.batches(t * micro + j) for j in range(micro)]
+        n = sum(len(i) for _, i in mbs)
+        opt.zero_grad()
+        for b, _ in mbs:
+            (case.train_loss(model, b).sum() / n).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("schedule", ["cached", "streaming"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_captures_once_and_changes_nothing(schedule, reentrant, monkeypatch):
+    """Under both kinds of activation checkpointing every module call is captured exactly once (not again
+    in the recomputation), the values equal those without checkpointing, the target pass runs (a reentrant
+    checkpoint refuses autograd.grad) and training equals plain training with the same checkpointing."""
+    case = cases.tiny_gpt2(batch_size=4)
+    config = shardshap.Config(schedule=schedule, max_grad_norm=1.0, cold_start="none")
+    arrivals = []
+    original = Capture._arrived
+    monkeypatch.setattr(Capture, "_arrived", lambda self, am, *rest: (arrivals.append(am.name),
+                                                                       original(self, am, *rest))[1])
+    reference, _, _ = run(case, config, steps=3)
+    per_step = len(arrivals) // 3
+    arrivals.clear()
+    checkpointed, model, opt = run(case, config, steps=3, checkpointing=reentrant)
+    assert len(arrivals) == 3 * per_step, "each module call is captured once per micro-batch"
+    for a, b in zip(reference, checkpointed):
+        torch.testing.assert_close(b.scores, a.scores, rtol=1e-9, atol=1e-14)
+        assert b.metadata["schedule"] == schedule
+    plain_model, plain_opt = plain(case, steps=3, checkpointing=reentrant)
+    assert_same(model, opt, plain_model, plain_opt)
+
+
+def test_streaming_training_unchanged_with_every_predictor():
+    case = cases.tiny_llama(batch_size=4)
+    plain_model, plain_opt = plain(case, steps=4)
+    for predictor in shardshap.config.STREAM_PREDICTORS:
+        config = shardshap.Config(schedule="streaming", stream_predictor=predictor, max_grad_norm=1.0)
+        _, model, opt = run(case, config, steps=4)
+        assert_same(model, opt, plain_model, plain_opt)
+
+
+@pytest.mark.parametrize("make", [cases.tiny_gpt2, cases.tiny_llama], ids=["gpt2", "llama"])
+def test_streaming_fidelity_against_cached(make):
+    """Streaming freezes W at a predicted batch gradient; on warm steps its values stay close to the exact
+    (cached) ones. The bounds guard the measured fidelity (docs/method.md, "Streaming"), which is highest
+    with small steps and large batches: lr 3e-4, 16 samples per step here."""
+    case = make(batch_size=8)
+    steps = 30
+    cached, _, _ = run(case, shardshap.Config(max_grad_norm=1.0, cold_start="none"), steps, lr=3e-4)
+    streamed, _, _ = run(case, shardshap.Config(schedule="streaming", max_grad_norm=1.0), steps, lr=3e-4)
+    R = torch.tensor([min(pearson(a.scores[:, k], b.scores[:, k]) for k in range(a.scores.shape[1]))
+                      for a, b in zip(cached[10:], streamed[10:])])
+    assert R.min() > 0.98 and R.median() > 0.995, R
+
+
+def test_streaming_with_owen_cold_start_runs_the_cold_steps_cached():
+    case = cases.digits_mlp(batch_size=8)
+    config = shardshap.Config(schedule="streaming", cold_start="owen", cold_steps=2)
+    values, _, _ = run(case, config, steps=4)
+    assert [v.metadata["schedule"] for v in values] == ["cached", "cached", "streaming", "streaming"]
+    assert [v.metadata["cold_start"] for v in values] == [True, True, False, False]
+    assert shardshap.Config(schedule="streaming").cold_start == "none"
+    assert shardshap.Config().cold_start == "owen"
+
+
+def test_streaming_low_rank_and_fast_presets_stay_close_to_exact_streaming():
+    case = cases.tiny_gpt2(batch_size=8, n_embd=32, dtype=torch.float32)
+    exact, _, _ = run(case, shardshap.Config(schedule="streaming", max_grad_norm=1.0), steps=3)
+    for preset in ("lowrank", "fast"):
+        approx, _, _ = run(case, shardshap.Config(schedule="streaming", preset=preset, max_grad_norm=1.0), steps=3)
+        for a, b in zip(exact, approx):
+            assert pearson(a.scores[:, 0], b.scores[:, 0]) > 0.99, preset
+
+
+def test_low_level_streaming_needs_the_targets_first():
+    case = cases.digits_mlp(batch_size=8)
+    opt = torch.optim.AdamW(case.model.parameters(), lr=1e-3)
+    attr = shardshap.Attributor(case.model, opt, None, case.target_loss, shardshap.Config(schedule="streaming"))
+    batch, ids = case.batches(0)
+    with pytest.raises(shardshap.AttributionError, match="pass the targets to the first record"):
+        with attr.record(ids):
+            pass
+    targets = {"v": 1}
+    with attr.record(ids, targets=targets):
+        case.train_loss(case.model, batch).mean().backward()
+    with pytest.raises(shardshap.AttributionError, match="without targets"):
+        attr.attribute({"v": 2})
+    opt.step()  # the refused step dropped the gradients: this changes nothing
+    with attr.record(ids, targets=targets):
+        case.train_loss(case.model, batch).mean().backward()
+    out = attr.attribute()
+    assert out.scores.shape == (8, 2) and out.metadata["schedule"] == "streaming"

@@ -17,6 +17,7 @@ CASES = {"MLP / digits (B=10)": lambda: cases.digits_mlp(batch_size=10),
          "GPT-2 tiny (B=8)": lambda: cases.tiny_gpt2(batch_size=8),
          "Llama tiny (B=8)": lambda: cases.tiny_llama(batch_size=8)}
 VARIANTS = [dict(estimator="secant", order=2), dict(estimator="secant", order=2, cold_start="none"),
+            dict(estimator="secant", order=2, schedule="streaming"),
             dict(estimator="secant", order=2, curvature="hvp"),
             dict(estimator="secant", order=1), dict(estimator="adam-lagged", order=2),
             dict(estimator="adam-lagged", order=1), dict(estimator="sgd", order=2), dict(estimator="sgd", order=1)]

@@ -52,7 +52,8 @@ def compare_estimators(model, optimizer, train_loss, target_loss, batch, sample_
         att = oracle.attributable
         out.append(Comparison(
             name=f"{cfg.estimator}/{cfg.order}" + ("/hvp" if cfg.order == 2 and cfg.curvature == "hvp" else "")
-            + ("/no-cold-start" if cfg.estimator == "secant" and cfg.cold_start == "none" else ""),
+            + ("/no-cold-start" if cfg.estimator == "secant" and cfg.cold_start == "none" else "")
+            + ("/streaming" if cfg.schedule == "streaming" else ""),
             pearson=[pearson(scores[:, k], truth[:, k]) for k in range(truth.shape[1])],
             efficiency_gap=[float(abs(scores[:, k].sum() - att[k]) / abs(att[k]).clamp_min(1e-300))
                             for k in range(truth.shape[1])],

@@ -18,8 +18,8 @@ def run(cmd, timeout=180):
     return launch(cmd, timeout=timeout)
 
 
-def check_against_reference(prefix, store=None, preset=None, tol=1e-5):
-    values, _, state = single_process_reference(CLIP, preset)
+def check_against_reference(prefix, store=None, tol=1e-5, **config):
+    values, _, state = single_process_reference(CLIP, **config)
     params = {n: v for n, v in state.items() if ":" not in n}
     if store is not None:  # totals of the shared store = sums of the single-process values
         from shardshap.store import open_scores
@@ -66,7 +66,18 @@ def test_presets_under_fsdp2(tmp_path, preset):
     prefix = str(tmp_path / preset)
     proc, _ = run(torchrun("ddp_fsdp.py", "--engine", "fsdp", "--preset", preset, "--out", prefix))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_against_reference(prefix, preset=preset, tol=1e-3 if preset == "fast" else 1e-5)
+    check_against_reference(prefix, tol=1e-3 if preset == "fast" else 1e-5, preset=preset)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_streaming_matches_single_process(tmp_path, engine):
+    """schedule='streaming' (W fixed before the forward, products in the backward, the rank's share of the
+    global gradient), gradient accumulation 2, clipping: one process's streaming values."""
+    prefix = str(tmp_path / engine)
+    proc, _ = run(torchrun("ddp_fsdp.py", "--engine", engine, "--schedule", "streaming", "--out", prefix,
+                           "--store", prefix + ".zarr"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_against_reference(prefix, store=prefix + ".zarr", schedule="streaming")
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])

@@ -12,10 +12,14 @@ CONFIGS = {  # name -> zero_optimization section
     "z3-recover": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "z2-fused": {"stage": 2},  # DeepSpeed's FusedAdam (torch_adam false) instead of torch AdamW
     "z3-fast": {"stage": 3, "stage3_param_persistence_threshold": 0},  # Config(preset="fast")
+    "z1-stream": {"stage": 1},  # Config(schedule="streaming")
+    "z2-stream": {"stage": 2},
+    "z3-stream": {"stage": 3, "stage3_param_persistence_threshold": 0},
 }
-PRESET = {"z3-fast": "fast"}  # configurations attributed with a preset (the others: the default Config)
+# shardshap.Config fields of the configurations not attributed with the default Config
+ATTRIBUTION = {"z3-fast": {"preset": "fast"}, **{f"z{s}-stream": {"schedule": "streaming"} for s in (1, 2, 3)}}
 
 
 def plain_twin(config: str) -> str:
     """The configuration whose plain DeepSpeed run this one's training must equal."""
-    return config.removesuffix("-recover").removesuffix("-fast")
+    return config.removesuffix("-recover").removesuffix("-fast").removesuffix("-stream")

@@ -22,6 +22,7 @@ def main():
     ap.add_argument("--store", default=None, help="stream the values to this store")
     ap.add_argument("--cold-steps", type=int, default=10, help="Config.cold_steps")
     ap.add_argument("--preset", default=None, help="Config.preset")
+    ap.add_argument("--schedule", default="cached", help="Config.schedule")
     ap.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "fsdp-keep"],
                     help="fsdp-keep: FSDP2 with reshard_after_forward=False")
     args = ap.parse_args()
@@ -48,7 +49,7 @@ def main():
             return case.train_loss(m, b)
     attr = shardshap.Attributor(model, opt, train_loss, case.target_loss,
                                 shardshap.Config(max_grad_norm=1.0, num_samples=64, cold_steps=args.cold_steps,
-                                                 preset=args.preset),
+                                                 preset=args.preset, schedule=args.schedule),
                                 store=args.store)
     ids_out, scores_out = [], []
     for step in range(STEPS):
@@ -68,7 +69,7 @@ def main():
             n = sum(len(i) for i in micro_ids)
             for j, (mb, ids) in enumerate(zip(micro, micro_ids)):
                 skip_sync = args.engine == "ddp" and j < len(micro) - 1
-                with model.no_sync() if skip_sync else torch.enable_grad(), attr.record(ids):
+                with model.no_sync() if skip_sync else torch.enable_grad(), attr.record(ids, targets=None):
                     (case.train_loss(model, mb).sum() / n).backward()
             out = attr.attribute(None)
             opt.step()

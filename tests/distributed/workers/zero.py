@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import shardshap  # noqa: E402
 from helpers.distributed import GLOBAL_BATCH, MICRO, STEPS, local_micro_batches  # noqa: E402
-from helpers.zero_configs import CLIP, CONFIGS, LR, PRESET, plain_twin  # noqa: E402
+from helpers.zero_configs import ATTRIBUTION, CLIP, CONFIGS, LR, plain_twin  # noqa: E402
 from shardshap.backends import init_distributed, shutdown  # noqa: E402
 from shardshap.testing import cases  # noqa: E402
 
@@ -70,7 +70,7 @@ def run(config: str, attributed: bool, rank: int, world: int, out: str) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=case.model, model_parameters=case.model.parameters(),
                                            config=config_dict)
     attr = shardshap.Attributor(engine, None, case.train_loss, case.target_loss,
-                                shardshap.Config(num_samples=64, preset=PRESET.get(config))) if attributed else None
+                                shardshap.Config(num_samples=64, **ATTRIBUTION.get(config, {}))) if attributed else None
     if attributed and config.endswith("-recover"):
         fail_first_steps(engine, case, rank, world)
     ids_out, scores_out, clips, seconds, sent = [], [], [], [], []

@@ -36,6 +36,10 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     tie_embeddings: bool = True
     dtype: Literal["float32", "bfloat16"] = "float32"
+    activation_checkpointing: Literal["none", "nonreentrant", "reentrant"] = Field(
+        "none", description="recompute each block's activations in the backward instead of keeping them "
+                            "(transformers' gradient_checkpointing_enable, use_reentrant=False or True); pair "
+                            "with attribution.schedule: streaming to keep the memory it saves")
 
     @model_validator(mode="after")
     def _heads(self):

@@ -49,9 +49,13 @@ def build_model(cfg, vocab_size: int, pad_id: int, device="cpu") -> nn.Module:
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ConfigError(f"model.pretrained has {model.get_input_embeddings().num_embeddings} embeddings, "
                               f"fewer than the tokenizer's {vocab_size}; use its own tokenizer (data.tokenizer)")
-        return model.to(device)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size, pad_id), dtype=dtype)
+        model = model.to(device)
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size, pad_id), dtype=dtype)
+    if cfg.model.activation_checkpointing != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": cfg.model.activation_checkpointing == "reentrant"})
     return model
 
 

@@ -94,9 +94,12 @@ def test_bad_config_names_the_key(override, key, monkeypatch):
 
 
 # ------------------------------------------------------------------ single process
-def test_attribution_does_not_change_training(tmp_path):
+@pytest.mark.parametrize("schedule,checkpointing", [("cached", "none"), ("streaming", "reentrant")])
+def test_attribution_does_not_change_training(tmp_path, schedule, checkpointing):
     from shardshap.recipe.train import run
     d = tiny(tmp_path)
+    d["model"]["activation_checkpointing"] = checkpointing
+    d["attribution"]["schedule"] = schedule
     on = run(validate(d)).module.state_dict()
     d["attribution"]["enabled"] = False
     plain = run(validate(d)).module.state_dict()

@@ -95,7 +95,7 @@ class _GatheredW(Mapping):
 @dataclass
 class _StreamedStep:
     """What the streaming schedule fixed before the step's training forward."""
-    W: dict            # id(param) -> full W [K, *shape] the in-backward products use
+    W: Mapping         # id(param) -> full W [K, *shape] the in-backward products use (dense on read)
     target_loss: torch.Tensor
     lowrank: dict      # Capture.stream's low-rank info (empty for exact products)
     bytes_sent: int    # communication of the target pass and the W gathers
@@ -383,8 +383,8 @@ class Attributor(Stateful):
         attributed = list(self.plan.params.values())
         owned = {id(p): frozen[id(p)].multiplier.unsqueeze(0) * hp if id(p) in shards and hp is not None else None
                  for p, hp in zip(attributed, h)}
-        W = dict(_GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype))
-        lowrank = self.capture.stream(W, dtype, K, rank=cfg.product_rank)
+        W = _GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype)
+        lowrank, W = self.capture.stream(W, dtype, K, rank=cfg.product_rank)
         return _StreamedStep(W, target_loss, lowrank, backend.bytes_sent - bytes_before)
 
     def _target_pass(self, targets, shards, frozen):

@@ -152,6 +152,23 @@ class _Stream:
         self.out: dict[int, dict[str, torch.Tensor]] = {}  # micro-batch -> canonical name -> [b, K]
 
 
+class _DenseW(Mapping):
+    """id(param) -> the W [K, *shape] the streamed products use; low-rank factors are multiplied out on read."""
+
+    def __init__(self, kept: dict):
+        self.kept = kept
+
+    def __getitem__(self, pid):
+        rule, value = self.kept[pid]
+        return value if rule is None else rule.weight_matrix(value.dense())
+
+    def __iter__(self):
+        return iter(self.kept)
+
+    def __len__(self):
+        return len(self.kept)
+
+
 class Capture:
     """Forward hooks tap each attributed module's output; in the backward the tap receives the module's
     input and output gradient. The cached schedule keeps them until `products`; the streaming schedule
@@ -269,25 +286,40 @@ class Capture:
         self.clear()
 
     # ---------------------------------------------------------------- streaming schedule
-    def stream(self, W: Mapping[int, torch.Tensor], dtype: torch.dtype, K: int, rank: Optional[int] = None) -> dict:
+    def stream(self, W: Mapping[int, torch.Tensor], dtype: torch.dtype, K: int,
+               rank: Optional[int] = None) -> tuple[dict, Mapping[int, torch.Tensor]]:
         """Take this step's products in the backward, against the fixed `W` (id(param) -> [K, *shape]),
-        instead of keeping captures. With `rank`, matrix weights use low-rank factors (their entries of the
-        dict `W` become the rank-r approximations, as in `products`). Returns the low-rank info."""
-        info, factors = {}, {}
-        if rank is not None:
-            with record_function("shardshap.products.factorize"):
-                factors, info = self._factorize(W, rank, self._names)
+        instead of keeping captures. `W` is read one module at a time (a mapping that gathers on read under
+        FSDP2/ZeRO-3 then has one module's W whole at a time); with `rank`, matrix weights keep only their
+        rank-r factors. Returns the low-rank info (as `products`) and the W the products use, made dense on
+        read (the completeness check reads it parameter by parameter)."""
+        kept: dict[int, tuple[Optional[ProductRule], object]] = {}  # id -> (rule that factorised it, Factors | W)
+        info = {"energy": {}, "layer_rank": {}, "exact_layers": []} if rank is not None else {}
         Wm = {}
         for am in self.plan.modules:
             work = self._low_dtype(am) or dtype
-            Wm[am.name] = {local: W[id(p)].to(work) for local, p in am.params.items()}
-            if "weight" in am.params and id(am.params["weight"]) in factors:
-                rule, f = factors[id(am.params["weight"])]
-                if rule is am.rule:
-                    Wm[am.name]["weight"] = f if work == dtype else Factors(f.left.to(work), f.right.to(work),
-                                                                             f.energy)
+            Wm[am.name] = {}
+            for local, p in am.params.items():
+                pid = id(p)
+                if pid not in kept:
+                    kept[pid] = (None, W[pid])
+                    if rank is not None and local == "weight":  # (whichever module's rule factorises it)
+                        with record_function("shardshap.products.factorize"):
+                            factors, layer = self._factorize({pid: kept[pid][1]}, rank, self._names)
+                        for key in ("energy", "layer_rank"):
+                            info[key].update(layer[key])
+                        info["exact_layers"] += layer["exact_layers"]
+                        if pid in factors:
+                            kept[pid] = factors[pid]
+                rule, value = kept[pid]
+                if rule is None:
+                    Wm[am.name][local] = value.to(work)
+                elif rule is am.rule:
+                    Wm[am.name][local] = Factors(value.left.to(work), value.right.to(work), value.energy)
+                else:  # a tied weight's use in the other orientation takes the dense W_r
+                    Wm[am.name][local] = rule.weight_matrix(value.dense()).to(work)
         self._stream = _Stream(Wm, K, dtype)
-        return info
+        return info, _DenseW(kept)
 
     def streamed(self, batch_sizes: list[int]) -> dict[str, torch.Tensor]:
         """The streamed products of the step: canonical name -> [sum(batch_sizes), K] (zeros where no
@@ -348,7 +380,7 @@ class Capture:
         todo = {}
         for am in self.plan.modules:
             p = am.params.get("weight")
-            if p is not None and am.rule.weight_matrix is not None and id(p) not in todo:
+            if p is not None and am.rule.weight_matrix is not None and id(p) in W and id(p) not in todo:
                 todo[id(p)] = (am.rule, am.rule.weight_matrix(W[id(p)]))
         info = {"energy": {}, "layer_rank": {}, "exact_layers": []}
         used, r = {}, rank

@@ -69,15 +69,17 @@ def test_presets_under_fsdp2(tmp_path, preset):
     check_against_reference(prefix, tol=1e-3 if preset == "fast" else 1e-5, preset=preset)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_streaming_matches_single_process(tmp_path, engine):
+@pytest.mark.parametrize("engine,rank", [("ddp", None), ("fsdp", None), ("fsdp", 2)])
+def test_streaming_matches_single_process(tmp_path, engine, rank):
     """schedule='streaming' (W fixed before the forward, products in the backward, the rank's share of the
-    global gradient), gradient accumulation 2, clipping: one process's streaming values."""
+    global gradient), gradient accumulation 2, clipping: one process's streaming values; with low rank each
+    module's W is gathered, factorised and dropped in turn (only the factors are kept)."""
     prefix = str(tmp_path / engine)
+    extra = ["--product-rank", str(rank)] if rank else []
     proc, _ = run(torchrun("ddp_fsdp.py", "--engine", engine, "--schedule", "streaming", "--out", prefix,
-                           "--store", prefix + ".zarr"))
+                           "--store", prefix + ".zarr", *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_against_reference(prefix, store=prefix + ".zarr", schedule="streaming")
+    check_against_reference(prefix, store=prefix + ".zarr", schedule="streaming", product_rank=rank)
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])

@@ -334,6 +334,8 @@ def configs(rank_list) -> dict[str, object]:
         out[f"rank {r}"] = shardshap.Config(product_rank=r)
     out["bf16 cache + rank 16"] = shardshap.Config(cache_dtype="bfloat16", product_rank=16)
     out["preset fast"] = shardshap.Config(preset="fast")  # bf16 cache and target pass, exact contraction, compiled
+    out["streaming"] = shardshap.Config(schedule="streaming")  # W fixed before the forward, products in backward
+    out["streaming + preset fast"] = shardshap.Config(schedule="streaming", preset="fast")
     return out
 
 

@@ -45,7 +45,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # preset fast compiles: no pool of compile workers
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from throughput import seq_losses  # noqa: E402  (the same per-sequence loss as the throughput benchmark)
 
 MODES = ["plain", "cached", "cached-fast", "streaming"]
 CHECKPOINTING = ["none", "nonreentrant", "reentrant"]
@@ -55,13 +55,6 @@ WARMUP_STEPS = 2
 
 
 # ----------------------------------------------------------------------------------------- one cell (child)
-def seq_losses(model, ids):
-    """Per-sequence mean next-token cross-entropy, [b]."""
-    logits = model(input_ids=ids).logits[:, :-1]
-    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    return tok.view(ids.shape[0], -1).mean(1)
-
-
 def train_loss(model, batch):
     return seq_losses(model, batch)
 

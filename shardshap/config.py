@@ -108,7 +108,8 @@ class Config:
         "backward. 'momentum' (the optimizer's bias-corrected first moment: Adam/AdamW, SGD with momentum; "
         "nothing kept; zero where the optimizer has no momentum state), 'previous' (the previous step's "
         "clipped gradient; one gradient-sized copy per rank) or 'zero' (only what momentum and weight decay "
-        "do). The clip factor is the real one in every case.")})
+        "do). The clip factor is the real one in every case. The 'previous' copy is not in "
+        "Attributor.state_dict(): the first step after a resume predicts zero.")})
     cold_start: Optional[str] = field(default=None, metadata={"help": (
         "Estimator for the first `cold_steps` steps of Adam/AdamW (state near zero, update close to "
         "lr*sign(g), where the secant's slope is ill-conditioned): 'owen' (Owen's multilinear extension of "

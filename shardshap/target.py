@@ -5,6 +5,8 @@ import torch
 
 from .errors import AttributionError
 
+MAX_UNNAMED_TARGETS = 64  # more losses than this without Config.target_names is taken for a missing reduction
+
 
 def evaluate_targets(target_loss, module, targets, config, device: torch.device) -> torch.Tensor:
     """target_loss(module, targets) as a [K] tensor, validated; under bf16 autocast with Config.target_dtype."""
@@ -20,6 +22,12 @@ def evaluate_targets(target_loss, module, targets, config, device: torch.device)
                                "or detached): shardshap differentiates it; compute it from the model's "
                                "forward with gradients enabled")
     value = value.reshape(-1)
+    if config.target_names is None and value.numel() > MAX_UNNAMED_TARGETS:
+        raise AttributionError(
+            f"target_loss returned {value.numel()} losses, so every step would have {value.numel()} targets: a "
+            "reduction is probably missing (per-token or per-sample losses instead of one mean per target set). "
+            "Return one loss per target, e.g. `loss.mean()` per set stacked into [K]; if you really mean "
+            f"{value.numel()} targets, name them with Config(target_names=[...])")
     if not torch.isfinite(value.detach()).all():
         raise AttributionError(f"target_loss is not finite ({value.detach().tolist()}); the "
                                "optimizer step was not taken")

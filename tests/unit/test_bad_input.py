@@ -109,6 +109,8 @@ def _mutate(case, what):
         gl = lambda m, t: float(case.target_loss(m, t)[0])
     elif what == "target empty":
         gl = lambda m, t: case.target_loss(m, t)[:0]
+    elif what == "target per token":  # flattened per-example losses instead of one mean per target
+        gl = lambda m, t: case.target_loss(m, t).repeat(40)
     elif what == "too many samples for the store":
         (x, y), ids = cases.digits_mlp(batch_size=9).batches(1)
         batch = (x, y)
@@ -134,6 +136,7 @@ STEP_CASES = [  # what is wrong, the error class, what the message must say (the
     ("target 2-D", AttributionError, r"0-d tensor \(one target\) or a 1-d tensor \[K\].*shape \(1, 2\)"),
     ("target float", AttributionError, "0-d tensor .* got float"),
     ("target empty", AttributionError, r"1-d tensor \[K\].*shape \(0,\)"),
+    ("target per token", AttributionError, "returned 80 losses.*reduction is probably missing.*target_names"),
     ("too many samples for the store", StoreError, "9 samples on rank 0, but the store has 6 slots per rank"),
 ]
 

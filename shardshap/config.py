@@ -90,6 +90,10 @@ class Config:
         "the result metadata.")})
     target_names: Optional[list] = field(default=None, metadata={"help": (
         "Names of the K targets, in the order of the target loss vector. Default: target0, target1, ...")})
+    target_mode: str = field(default="eval", metadata={"help": (
+        "Mode of the model while the target losses are taken: 'eval' (dropout off, so the target loss is a "
+        "fixed function of the parameters and the game is not noisy; every submodule's mode is restored "
+        "afterwards) or 'train' (the model's mode as it is). Training is unchanged either way.")})
     target_sharding: str = field(default="replicated", metadata={"help": (
         "Under DDP: 'replicated' (every rank passes the same targets; no communication) or 'split' (each "
         "rank passes an equal share of every target set; target losses and gradients are averaged over "
@@ -145,6 +149,7 @@ class Config:
             self.cold_start = "owen" if self.schedule == "cached" else "none"
         _choice("cold_start", self.cold_start, ("owen", "none"))
         _choice("target_sharding", self.target_sharding, ("replicated", "split"))
+        _choice("target_mode", self.target_mode, ("eval", "train"))
         _choice("cache_dtype", self.cache_dtype, (None, "bfloat16"))
         _choice("target_dtype", self.target_dtype, (None, "bfloat16"))
         if not (isinstance(self.cold_steps, int) and self.cold_steps >= 0):

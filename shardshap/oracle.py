@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .target import target_mode as in_target_mode
 
 UTILITIES = ("true", "taylor1", "taylor2")
 
@@ -41,13 +42,14 @@ def _as_micro(batch):
 def shapley(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             train_loss: Callable, target_loss: Callable, batch, targets, *,
             reduction: str = "mean", max_grad_norm: Optional[float] = None, utility: str = "true",
-            max_exact: int = 12, permutations: int = 400, seed: int = 0) -> OracleResult:
+            max_exact: int = 12, permutations: int = 400, seed: int = 0, target_mode: str = "eval") -> OracleResult:
     """Shapley values of U(S) = L_target(theta_t) - L_target(theta(S)) for the samples of `batch`.
 
     `batch` may be a list of micro-batches (one game over their union). `utility`: 'true' (the real
     one-step game), 'taylor1' / 'taylor2' (the target loss replaced by its first / second-order Taylor
     expansion at theta_t, the step still the real optimizer's). Batches larger than `max_exact` use
-    `permutations` antithetic Monte Carlo permutations. Nothing of `model` or `optimizer` is changed.
+    `permutations` antithetic Monte Carlo permutations. `target_mode`: the model's mode while target losses
+    are taken (Config.target_mode). Nothing of `model` or `optimizer` is changed.
     """
     if utility not in UTILITIES:
         raise ConfigError(f"utility={utility!r}; choose one of {UTILITIES}")
@@ -99,12 +101,16 @@ def shapley(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         opt2.step()
         return [p2.detach() - t0 for p2, t0 in zip(params2, theta0)]
 
+    def targets_of(m):
+        with in_target_mode(m, target_mode):
+            return target_loss(m, targets).reshape(-1)
+
     with torch.random.fork_rng(devices=rng_devices):
-        base = target_loss(model, targets).detach().reshape(-1)
+        base = targets_of(model).detach()
     K = base.numel()
     if utility != "true":
         with torch.random.fork_rng(devices=rng_devices):
-            value = target_loss(model, targets).reshape(-1)
+            value = targets_of(model)
             h = [torch.autograd.grad(value[k], params, retain_graph=True, allow_unused=True,
                                      create_graph=utility == "taylor2") for k in range(K)]
 
@@ -112,7 +118,7 @@ def shapley(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         delta = stepped_params(mask)
         if utility == "true":
             with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
-                return (base - target_loss(model2, targets).detach().reshape(-1)).double().cpu().numpy()
+                return (base - targets_of(model2).detach()).double().cpu().numpy()
         out = np.zeros(K)
         for k in range(K):
             first = sum((g * d).sum() for g, d in zip(h[k], delta) if g is not None)

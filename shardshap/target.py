@@ -1,6 +1,8 @@
 """The target pass: gradients h_k of every target loss, where the estimator says to take them."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from .errors import AttributionError
@@ -8,9 +10,25 @@ from .errors import AttributionError
 MAX_UNNAMED_TARGETS = 64  # more losses than this without Config.target_names is taken for a missing reduction
 
 
+@contextmanager
+def target_mode(module: torch.nn.Module, mode: str):
+    """The module in eval mode for the target loss (mode 'eval'), or as it is ('train'); every submodule's
+    own mode is restored afterwards (a model may keep parts in eval mode on purpose)."""
+    saved = [(m, m.training) for m in module.modules()] if mode == "eval" else []
+    if mode == "eval":
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
 def evaluate_targets(target_loss, module, targets, config, device: torch.device) -> torch.Tensor:
-    """target_loss(module, targets) as a [K] tensor, validated; under bf16 autocast with Config.target_dtype."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.target_dtype is not None):
+    """target_loss(module, targets) as a [K] tensor, validated; in Config.target_mode, under bf16 autocast with
+    Config.target_dtype."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.target_dtype is not None), \
+            target_mode(module, config.target_mode):
         value = target_loss(module, targets)
     if not torch.is_tensor(value) or value.dim() > 1 or value.numel() == 0:
         raise AttributionError(

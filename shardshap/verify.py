@@ -38,7 +38,7 @@ def compare_estimators(model, optimizer, train_loss, target_loss, batch, sample_
     update_rule = detect(model).update_rule(optimizer)
     if oracle is None:
         oracle = shapley(model, optimizer, train_loss, target_loss, batch, targets, reduction=base.reduction,
-                         max_grad_norm=base.max_grad_norm, **oracle_kwargs)
+                         max_grad_norm=base.max_grad_norm, target_mode=base.target_mode, **oracle_kwargs)
     truth = oracle.shapley
     out = []
     for v in variants:

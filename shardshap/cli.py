@@ -55,12 +55,31 @@ def _check_flags(args):
         need("--permutations", args.permutations >= 1, "must be at least 1 (Monte Carlo permutations)", 400)
 
 
+def _over_steps(scores, window: str):
+    """The store's view of the steps --steps A:B names (A, B optional: from the first / to the last step)."""
+    lo, sep, hi = window.partition(":")
+    try:
+        lo, hi = int(lo or 0), int(hi) if hi else scores.num_steps
+        if not sep:
+            raise ValueError
+    except ValueError:
+        raise CLIError(f"--steps {window!r}: give a window of steps A:B (steps A to B-1; A: or :B for open "
+                       "ends), e.g. --steps 10:200") from None
+    try:
+        return scores.over_steps(lo, hi)
+    except StoreError as err:
+        raise CLIError(f"--steps {window!r}: {err}") from None
+
+
 def _open(args):
     from .store import open_scores
     if not os.path.exists(args.store):
         raise CLIError(f"no store at {args.store!r}: check the path (the directory the run wrote, e.g. RUN.zarr)")
+    window = getattr(args, "steps", None)
     try:
         scores = open_scores(args.store)
+        if window is not None:
+            return _over_steps(scores, window)
         if args.command not in ("info", "reduce"):
             scores.value  # noqa: B018  (raises if the totals are stale)
     except StaleTotalsError:
@@ -138,7 +157,9 @@ def cmd_report(args):
         print(json.dumps(rep, indent=2))
         return
     con = _console()
-    print(f"{rep['store']}: run {rep['run_id']}, estimator {rep['estimator']}, {rep['steps']} steps, "
+    window = "" if rep["step_window"] is None else " (steps {}-{})".format(rep["step_window"][0],
+                                                                        rep["step_window"][1] - 1)
+    print(f"{rep['store']}: run {rep['run_id']}, estimator {rep['estimator']}, {rep['steps']} steps{window}, "
           f"{rep['samples_seen']} of {rep['num_samples']} samples seen")
     _table("per target", ["target", "mean value", "negative share"],
            [[t, d["mean"], f"{d['negative_share']:.1%}"] for t, d in rep["per_target"].items()], con)
@@ -257,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("store", help="path of the Zarr store (RUN.zarr)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--manifest", help="corpus manifest (default: STORE.manifest.jsonl)")
+        if name in ("report", "top", "select", "plot"):
+            p.add_argument("--steps", metavar="A:B", help="value the samples over steps A to B-1 only (totals "
+                           "rebuilt from the step log; the stored totals are not changed), e.g. 10: to leave "
+                           "out the first, cold steps")
         p.set_defaults(fn=fn)
         return p
 

@@ -31,9 +31,9 @@ def step_blocks(scores, names=("sample_id", "score", "sample_loss")):
     (bounded memory whatever the run length). Slots of a rank beyond its committed step (left by a
     crashed rank) read as missing, as in `ScoreStore.step_log` and reduce."""
     committed = scores.committed_steps  # one snapshot: a live writer may commit meanwhile
-    n = int(committed.max()) + 1
+    first, n = scores.steps or (0, int(committed.max()) + 1)  # a view of a window of steps reads only those
     per = scores.layout.steps_per_chunk
-    for lo in range(0, n, per):
+    for lo in range(first, n, per):
         yield lo, scores.read_steps(lo, min(n, lo + per), names, committed=committed)
 
 
@@ -55,8 +55,11 @@ def build_report(scores, manifest: Optional[Manifest] = None, top: int = 5,
     value, count = scores.value, scores.count
     seen = count > 0
     total = value.sum(1)
+    window = scores.steps
     rep = {
-        "store": scores.path, "run_id": scores.attrs.get("run_id"), "steps": scores.num_steps,
+        "store": scores.path, "run_id": scores.attrs.get("run_id"),
+        "steps": scores.num_steps if window is None else window[1] - window[0],
+        "step_window": None if window is None else list(window),
         "samples_seen": int(seen.sum()), "num_samples": int(len(count)), "targets": scores.targets,
         "estimator": scores.attrs.get("metadata", {}).get("estimator"),
         "per_target": {t: {"mean": float(value[seen, k].mean()) if seen.any() else float("nan"),

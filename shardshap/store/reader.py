@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from functools import cached_property
 
@@ -21,6 +22,8 @@ def uncommitted_slots(layout: Layout, committed, steps) -> np.ndarray:
 
 class ScoreStore:
     """Read-only view of a store written by ScoreWriter (any number of ranks)."""
+
+    steps: tuple[int, int] | None = None  # (lo, hi) for a view of a window of steps (over_steps)
 
     def __init__(self, path):
         try:
@@ -102,6 +105,33 @@ class ScoreStore:
                 if name in schema.SLOT_ARRAYS:
                     out[name][stale] = schema.FILL[name]
         return out
+
+    def over_steps(self, lo: int, hi: int) -> "ScoreStore":
+        """A view of steps [lo, hi) only: `value` and `count` rebuilt from the log of those steps (read one
+        log chunk of steps at a time; memory: the totals plus one chunk), `step_log` cut to them. The stored
+        totals are not touched. Steps past the committed log are empty."""
+        n = self.num_steps
+        if not (0 <= lo < hi):
+            raise schema.StoreError(f"step window {lo}:{hi} is empty or negative: give A:B with 0 <= A < B")
+        if lo >= n:
+            raise schema.StoreError(f"step window {lo}:{hi} starts after the log, which has {n} committed steps")
+        hi = min(hi, n)
+        L, K = self.layout, len(self.targets)
+        value = np.zeros((L.num_samples, K), np.float64)
+        count = np.zeros(L.num_samples, np.int64)
+        committed = self.committed_steps
+        for start in range(lo, hi, L.steps_per_chunk):
+            part = self.read_steps(start, min(hi, start + L.steps_per_chunk), ("sample_id", "score"), committed)
+            ids, sc = part["sample_id"].reshape(-1), part["score"].reshape(-1, K)
+            keep = ids >= 0  # -1: an empty slot, or one a rank had not committed
+            ids, sc = ids[keep], sc[keep].astype(np.float64)
+            count += np.bincount(ids, minlength=L.num_samples)
+            for k in range(K):
+                value[:, k] += np.bincount(ids, weights=sc[:, k], minlength=L.num_samples)
+        view = copy.copy(self)
+        view.__dict__.update(value=value, count=count, step_log=self.step_log.isel(step=slice(lo, hi)),
+                             steps=(lo, hi))
+        return view
 
     def reduce(self, processes: int | None = None, **kw) -> dict:
         """Rebuild value/count from the log (see reduce_store) and refresh this view."""

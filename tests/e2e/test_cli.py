@@ -99,3 +99,27 @@ def test_errors_are_one_line(run, argv, message, code):
     assert proc.returncode == code
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_steps_window_rebuilds_totals_from_the_log(run, capsys, tmp_path):
+    """--steps A:B values the samples over those steps only (checked against the xarray step log), leaves the
+    stored totals alone, and a window outside the log is a clear error."""
+    store, total, _ = run
+    log = shardshap.open_scores(store).step_log.sel(step=slice(10, 29))
+    ids, score = log["sample_id"].values.reshape(-1), log["score"].values.reshape(-1, 2)
+    expected = np.zeros((N, 2))
+    np.add.at(expected, ids[ids >= 0], score[ids >= 0])
+    code, out, _ = run_cli("top", store, "--steps", "10:", "-k", "5", "--json", capsys=capsys)
+    assert code == 0
+    rows = json.loads(out)
+    order = np.argsort(-expected.sum(1), kind="stable")[:5]
+    assert [r["id"] for r in rows] == order.tolist()
+    assert [r["value"] for r in rows] == pytest.approx(expected.sum(1)[order].tolist(), rel=1e-6)
+    code, out, _ = run_cli("report", store, "--steps", "10:30", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["steps"] == 20 and json.loads(out)["step_window"] == [10, 30]
+    np.testing.assert_allclose(shardshap.open_scores(store).value, total, rtol=1e-5, atol=1e-7)  # untouched
+    code, _, err = run_cli("top", store, "--steps", "40:50", capsys=capsys)
+    assert code != 0 and "starts after the log, which has 30 committed steps" in err
+    code, _, err = run_cli("select", store, "--steps", "ten", "--rule", "drop-negative", "-o",
+                           str(tmp_path / "k.txt"), capsys=capsys)
+    assert code != 0 and "give a window of steps A:B" in err

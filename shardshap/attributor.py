@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
@@ -163,6 +163,7 @@ class Attributor(Stateful):
         self._targets = _UNSET  # the targets given when this step began
         self._stream: Optional[_StreamedStep] = None  # streaming: what the step's W was fixed with
         self._previous_grad: dict[int, torch.Tensor] = {}  # stream_predictor='previous': last clipped gradient
+        self._probed = False  # the first step of step() checked that every module is batch-first
 
     # ------------------------------------------------------------------ public API
     def step(self, batch, sample_ids, targets) -> StepResult:
@@ -183,10 +184,15 @@ class Attributor(Stateful):
             self._begin_step(targets)
             for j, (mb, mids) in enumerate(zip(micro, ids)):
                 last = j == len(micro) - 1
+                # (one process only: a partial backward through DDP / FSDP / DeepSpeed could disturb their hooks)
+                probe = j == 0 and not self._probed and not backend.distributed and len(mids) > 1
                 with record_function("shardshap.forward_backward"), self._record(mids) as rec, \
                         backend.no_sync(last):
-                    per_sample = self.train_loss(self.model, mb)
+                    with self.capture.probing() if probe else nullcontext() as outputs:
+                        per_sample = self.train_loss(self.model, mb)
                     check_loss(per_sample, len(mids), j)
+                    if probe:
+                        self._check_batch_first(per_sample[0], outputs)
                     if len(micro) == 1 and self.config.reduction == "mean":
                         backend.backward(per_sample.mean())  # bit-identical to the plain step
                     else:
@@ -346,6 +352,15 @@ class Attributor(Stateful):
             return self._attribute(targets, sizes, ids, sample_loss, grad_norm)
         finally:
             self._discard()
+
+    def _check_batch_first(self, first_loss, outputs) -> None:
+        """Once, on step()'s first micro-batch (one process): every attributed module is batch-first."""
+        try:
+            self.capture.check_batch_first(first_loss, outputs)
+        except RuntimeError as err:
+            if "use_reentrant=True" not in str(err):  # a reentrant checkpoint refuses autograd.grad: no probe
+                raise
+        self._probed = True
 
     def _discard(self) -> None:
         self._recorded = []

@@ -190,7 +190,9 @@ class Capture:
         self._micro = 0
         self._last: Optional[tuple[int, int]] = None  # (batch size, micro-batch) of the latest recording
         self._paused = False
+        self._muted = False  # taps as usual (a checkpoint recomputes the same saved tensors), nothing captured
         self._stream: Optional[_Stream] = None
+        self._probe: Optional[list] = None  # while probing: [(module name, tapped output)] of the forward
         self._handles = []
         for am in plan_.modules:
             self._handles.append(am.module.register_forward_hook(self._hook(am)))
@@ -226,11 +228,16 @@ class Capture:
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 # no backward reaches this call (no_grad, or a reentrant checkpoint's first pass)
                 return output if expanded is not None else None
-            return _Tap.apply(output, a.detach(), lambda a_, e_: self._arrived(am, micro, batch_size, a_, e_))
+            tapped = _Tap.apply(output, a.detach(), lambda a_, e_: self._arrived(am, micro, batch_size, a_, e_))
+            if self._probe is not None:
+                self._probe.append((am.name, tapped))
+            return tapped
         return hook
 
     def _arrived(self, am: AttributedModule, micro: int, batch_size: int, a: torch.Tensor, e: torch.Tensor) -> None:
         """The backward reached one call of `am`: its input `a` and output gradient `e` are hot."""
+        if self._muted:  # the batch-first probe's backward
+            return
         low = self._low_dtype(am)
         grads = None
         if am.rule.reduce_in_backward:  # take the per-sample gradients now and keep them instead of (a, e)
@@ -272,6 +279,36 @@ class Capture:
             yield
         finally:
             self._paused = False
+
+    @contextmanager
+    def probing(self):
+        """Keep references to the tapped outputs of the forward inside (for `check_batch_first`)."""
+        self._probe = []
+        try:
+            yield self._probe
+        finally:
+            self._probe = None
+
+    def check_batch_first(self, first_loss: torch.Tensor, outputs: list) -> None:
+        """Raise BatchShapeError for a module whose leading dimension is not the batch: the gradient of sample
+        0's loss alone must be zero on every other sample's rows of each attributed module's output (the
+        shape checks cannot see a time-major module when T equals the batch size)."""
+        if not outputs or first_loss.numel() == 0:
+            return
+        self._muted = True
+        try:
+            grads = torch.autograd.grad(first_loss, [t for _, t in outputs], retain_graph=True, allow_unused=True)
+        finally:
+            self._muted = False
+        for (name, _), g in zip(outputs, grads):
+            if g is not None and g.shape[0] > 1 and bool(g[1:].ne(0).any()):
+                raise BatchShapeError(
+                    f"module {name!r} mixes the samples of a batch along the first dimension of its output: the "
+                    "loss of sample 0 has a gradient on the rows of other samples. shardshap needs every attributed "
+                    "module to take the batch as its first dimension (e.g. batch_first=True; time-major [T, b, ...] "
+                    "inputs pass the shape checks when T equals the batch size but give per-time-step values), and "
+                    "no operation that mixes samples (batch normalisation) before the loss. Transpose to batch-first "
+                    "or exclude the module with Config(exclude=[...]).")
 
     def clear(self) -> None:
         for calls in self.calls.values():

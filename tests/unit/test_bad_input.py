@@ -312,3 +312,32 @@ def test_bad_trainer_config(override, message, monkeypatch, tmp_path):
             from shardshap.recipe.train import _find_checkpoint
             _find_checkpoint(cfg)
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_time_major_module_is_refused_when_time_equals_batch():
+    """A Linear fed [T, b, d] passes the shape checks when T == b but would give per-time-step values: the
+    first step's probe (gradient of sample 0's loss alone) refuses it, before anything trains."""
+    torch.manual_seed(0)
+
+    class TimeMajor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):  # x [b, T, 4]
+            return self.proj(x.transpose(0, 1)).transpose(0, 1)  # the Linear sees [T, b, 4]
+
+    model = TimeMajor().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(5, 5, 4, dtype=torch.float64)  # T == b == 5
+    train_loss = lambda m, b: m(b).pow(2).mean((1, 2))
+    target_loss = lambda m, t: m(x[:2]).pow(2).mean()
+    before = [p.detach().clone() for p in model.parameters()]
+    attr = shardshap.Attributor(model, opt, train_loss, target_loss, Config())
+    with pytest.raises(BatchShapeError, match="'proj' mixes the samples.*batch as its first dimension"):
+        attr.step(x, torch.arange(5), None)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    batch_first = torch.nn.Sequential(torch.nn.Linear(4, 4)).double()  # the same shapes, batch-first: accepted
+    ok = shardshap.Attributor(batch_first, torch.optim.SGD(batch_first.parameters(), lr=0.1), train_loss,
+                              lambda m, t: m(x[:2]).pow(2).mean(), Config())
+    assert ok.step(x, torch.arange(5), None).scores.shape == (5, 1)

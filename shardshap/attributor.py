@@ -185,7 +185,8 @@ class Attributor(Stateful):
             for j, (mb, mids) in enumerate(zip(micro, ids)):
                 last = j == len(micro) - 1
                 # (one process only: a partial backward through DDP / FSDP / DeepSpeed could disturb their hooks)
-                probe = j == 0 and not self._probed and not backend.distributed and len(mids) > 1
+                probe = (j == 0 and not self._probed and len(mids) > 1 and not backend.distributed
+                         and not backend.owns_backward)
                 with record_function("shardshap.forward_backward"), self._record(mids) as rec, \
                         backend.no_sync(last):
                     with self.capture.probing() if probe else nullcontext() as outputs:

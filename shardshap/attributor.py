@@ -193,7 +193,8 @@ class Attributor(Stateful):
                         per_sample = self.train_loss(self.model, mb)
                     check_loss(per_sample, len(mids), j)
                     if probe:
-                        self._check_batch_first(per_sample[0], outputs)
+                        self.capture.check_batch_first(per_sample[0], outputs)
+                        self._probed = True
                     if len(micro) == 1 and self.config.reduction == "mean":
                         backend.backward(per_sample.mean())  # bit-identical to the plain step
                     else:
@@ -231,13 +232,8 @@ class Attributor(Stateful):
                 raise AttributionError("schedule='streaming' takes the target pass before the training forward: "
                                        "pass the targets to the first record() of each step, "
                                        "`attr.record(ids, targets=...)`")
-            try:
+            with self._refused_leaves_nothing():
                 self._begin_step(targets)
-            except BaseException as err:
-                self.backend.zero_grad(self.optimizer)
-                self._discard()
-                _name_the_culprit(err)
-                raise
         with self._record(sample_ids) as rec:
             yield rec
 
@@ -270,7 +266,7 @@ class Attributor(Stateful):
         if not self._recorded:
             raise AttributionError("attribute() found no recorded micro-batch: wrap each micro-batch's forward "
                                    "in `with attr.record(sample_ids):` before its backward")
-        try:
+        with self._refused_leaves_nothing():
             if targets is _UNSET:
                 targets = self._targets
             if targets is _UNSET:
@@ -283,13 +279,20 @@ class Attributor(Stateful):
             result = self._attribute_recorded(targets, grad_norm)
             result.metadata["seconds"] = time.perf_counter() - t0
             self._write(result)
+        self.step_index += 1
+        return result
+
+    @contextmanager
+    def _refused_leaves_nothing(self):
+        """Low-level API: on any error the gradients are zeroed (the user's optimizer.step() then changes
+        nothing), the step's recordings are dropped and the error names its culprit."""
+        try:
+            yield
         except BaseException as err:
             self.backend.zero_grad(self.optimizer)
             self._discard()
             _name_the_culprit(err)
             raise
-        self.step_index += 1
-        return result
 
     def state_dict(self) -> dict:
         """The attribution part of a training checkpoint (flushes the store first). The Attributor is a
@@ -353,15 +356,6 @@ class Attributor(Stateful):
             return self._attribute(targets, sizes, ids, sample_loss, grad_norm)
         finally:
             self._discard()
-
-    def _check_batch_first(self, first_loss, outputs) -> None:
-        """Once, on step()'s first micro-batch (one process): every attributed module is batch-first."""
-        try:
-            self.capture.check_batch_first(first_loss, outputs)
-        except RuntimeError as err:
-            if "use_reentrant=True" not in str(err):  # a reentrant checkpoint refuses autograd.grad: no probe
-                raise
-        self._probed = True
 
     def _discard(self) -> None:
         self._recorded = []

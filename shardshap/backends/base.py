@@ -141,6 +141,21 @@ class Backend(ABC):
         return param.shape
 
     @contextmanager
+    def gradients_set_aside(self) -> Iterator[list]:
+        """Inside: `.grad` is None on every parameter of the module, for a target pass that backpropagates
+        into `.grad`; afterwards the training gradients are put back untouched. Yields the parameters (to
+        clear their `.grad` between targets)."""
+        everything = list(self.module.parameters())
+        saved = [p.grad for p in everything]
+        for p in everything:
+            p.grad = None
+        try:
+            yield everything
+        finally:
+            for p, g in zip(everything, saved):
+                p.grad = g
+
+    @contextmanager
     def shifted(self, shards: dict[int, OwnedSlice], shifts: Optional[dict[int, torch.Tensor]]) -> Iterator[None]:
         """Inside the block the model computes at theta + shift (per owned element); on exit every value is
         restored bit-exactly, also on error. `shifts=None`: the parameters as they are."""

@@ -82,12 +82,8 @@ class FSDP2Backend(Backend):
 
     def target_gradients(self, evaluate, params, dtype, split: bool = False):
         DTensor, _ = _dtensor()
-        everything = list(self.module.parameters())
-        saved = [p.grad for p in everything]  # the training gradients, put back untouched
-        for p in everything:
-            p.grad = None
         grads = [[] for _ in params]
-        try:
+        with self.gradients_set_aside() as everything:
             K, value = None, None
             k = 0
             while K is None or k < K:
@@ -101,9 +97,6 @@ class FSDP2Backend(Backend):
                 for p in everything:
                     p.grad = None
                 k += 1
-        finally:
-            for p, g in zip(everything, saved):
-                p.grad = g
         h = [None if any(x is None for x in g) else torch.stack(g) for g in grads]
         # FSDP averaged the gradients over ranks; average the reported losses the same way
         return h, self.all_reduce_sum(value.clone()) / self.dp_size

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ghost.capture import refused_by_reentrant_checkpoint
 from .base import Backend, OwnedSlice
 
 
@@ -61,9 +62,8 @@ class LocalBackend(Backend):
                 for acc, g in zip(grads, gk):
                     acc.append(None if g is None else g.detach().to(dtype).reshape(-1))
         except RuntimeError as err:
-            if "use_reentrant=True" not in str(err):
+            if not refused_by_reentrant_checkpoint(err):
                 raise
-            # reentrant activation checkpointing refuses autograd.grad(): backward() instead
             value, grads = self._backward_gradients(evaluate, params, dtype)
         h = [None if any(x is None for x in g) else g[0].unsqueeze(0) if len(g) == 1 else torch.stack(g)
              for g in grads]  # one target: a view, not a copy of every gradient
@@ -78,12 +78,8 @@ class LocalBackend(Backend):
         """Target gradients by `backward()` into `.grad` (which a reentrant checkpoint accumulates into for
         every parameter it holds, whatever `inputs=` says), with the training gradients set aside and put
         back untouched; returns (losses, [[K gradients] per parameter])."""
-        everything = list(self.module.parameters())
-        saved = [p.grad for p in everything]
         grads = [[] for _ in params]
-        try:
-            for p in everything:
-                p.grad = None
+        with self.gradients_set_aside() as everything:
             value = evaluate()
             for k in range(value.numel()):
                 value[k].backward(retain_graph=k < value.numel() - 1)
@@ -91,9 +87,6 @@ class LocalBackend(Backend):
                     acc.append(None if p.grad is None else p.grad.detach().to(dtype).reshape(-1))
                 for p in everything:
                     p.grad = None
-        finally:
-            for p, g in zip(everything, saved):
-                p.grad = g
         return value, grads
 
     def gather(self, shard: OwnedSlice, owned: torch.Tensor) -> torch.Tensor:

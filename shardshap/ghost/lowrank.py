@@ -30,6 +30,10 @@ class Factors:
         """[K, d_out, d_in]: the approximation itself."""
         return self.left @ self.right
 
+    def to(self, dtype: torch.dtype) -> "Factors":
+        """The factors in `dtype` (the products' working dtype); the energy stays as it is."""
+        return Factors(self.left.to(dtype), self.right.to(dtype), self.energy)
+
 
 def worth_it(d_out: int, d_in: int, rank: int) -> bool:
     """Low-rank saves work only if r (d_in + d_out) is well below d_in d_out (half, to pay for the sketch)."""

@@ -95,10 +95,15 @@ class _GatheredW(Mapping):
 @dataclass
 class _StreamedStep:
     """What the streaming schedule fixed before the step's training forward."""
-    W: Mapping         # id(param) -> full W [K, *shape] the in-backward products use (dense on read)
-    target_loss: torch.Tensor
-    lowrank: dict      # Capture.stream's low-rank info (empty for exact products)
-    bytes_sent: int    # communication of the target pass and the W gathers
+    W: Optional[Mapping]  # id(param) -> full W [K, *shape] the in-backward products use (dense on read);
+    #                       None for stream_predictor='subspace' (sketches in the backward, W after it)
+    target_loss: Optional[torch.Tensor]
+    lowrank: dict         # Capture.stream's low-rank info (empty for exact products)
+    bytes_sent: int       # communication of the target pass and the W gathers
+
+    @property
+    def sketched(self) -> bool:
+        return self.W is None
 
 
 class Attributor(Stateful):
@@ -163,6 +168,7 @@ class Attributor(Stateful):
         self._targets = _UNSET  # the targets given when this step began
         self._stream: Optional[_StreamedStep] = None  # streaming: what the step's W was fixed with
         self._previous_grad: dict[int, torch.Tensor] = {}  # stream_predictor='previous': last clipped gradient
+        self._bases: Optional[dict] = None  # stream_predictor='subspace': id -> Basis from the last step's W
         self._probed = False  # the first step of step() checked that every module is batch-first
 
     # ------------------------------------------------------------------ public API
@@ -374,15 +380,34 @@ class Attributor(Stateful):
         if self.estimator.uses_cold_start and cfg.cold_start == "owen" and any(
                 is_cold(self.update_rule, sh, cfg.cold_steps) for sh in shards.values()):
             return
-        self._stream = self._fix_stream(targets, shards)
+        if cfg.stream_predictor == "subspace":
+            self._stream = self._fix_subspace(targets, shards)
+        else:
+            self._stream = self._fix_stream(targets, shards)
+
+    def _fix_subspace(self, targets, shards) -> "_StreamedStep":
+        """stream_predictor='subspace': sketch in the bases of the previous step's W; the first step (or the first
+        after a resume) finds them from the W that stream_predictor='momentum' would have used."""
+        bytes_before = self.backend.bytes_sent
+        if self._bases is None:
+            W, _ = self._predicted_W(targets, shards, "momentum")
+            self._bases, _ = self.capture.bases(W, self.config.sketch_rank)
+        self.capture.sketch(self._bases, self.dtype)
+        return _StreamedStep(None, None, {}, self.backend.bytes_sent - bytes_before)
 
     def _fix_stream(self, targets, shards) -> "_StreamedStep":
         """The streaming schedule's W: the estimator frozen at the predicted batch gradient (clip factor 1;
         the real one scales the values at the end) and the target gradients at the predicted midpoint."""
+        bytes_before = self.backend.bytes_sent
+        W, target_loss = self._predicted_W(targets, shards, self.config.stream_predictor)
+        lowrank, W = self.capture.stream(W, self.dtype, target_loss.numel(), rank=self.config.product_rank)
+        return _StreamedStep(W, target_loss, lowrank, self.backend.bytes_sent - bytes_before)
+
+    def _predicted_W(self, targets, shards, predictor: str):
+        """(W gathered on read, target losses) at the batch gradient `predictor` predicts."""
         cfg, dtype, backend = self.config, self.dtype, self.backend
-        bytes_before = backend.bytes_sent
         shards = {pid: replace(sh, grad=predicted_grad(
-            cfg.stream_predictor, self.update_rule, sh, self._previous_grad.get(pid), dtype))
+            predictor, self.update_rule, sh, self._previous_grad.get(pid), dtype))
             for pid, sh in shards.items()}
         with record_function("shardshap.freeze"):
             frozen = {pid: self.estimator.freeze(self.update_rule, sh, 1.0, dtype, order=cfg.order,
@@ -393,9 +418,7 @@ class Attributor(Stateful):
         attributed = list(self.plan.params.values())
         owned = {id(p): frozen[id(p)].multiplier.unsqueeze(0) * hp if id(p) in shards and hp is not None else None
                  for p, hp in zip(attributed, h)}
-        W = _GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype)
-        lowrank, W = self.capture.stream(W, dtype, K, rank=cfg.product_rank)
-        return _StreamedStep(W, target_loss, lowrank, backend.bytes_sent - bytes_before)
+        return _GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype), target_loss
 
     def _target_pass(self, targets, shards, frozen):
         with record_function("shardshap.target"), self.capture.paused():
@@ -423,7 +446,8 @@ class Attributor(Stateful):
         with record_function("shardshap.shards"):
             shards = backend.shards(opt)  # this rank's elements of every parameter the optimizer moves
         clip = self._clip(shards, grad_norm)
-        if self._stream is not None:
+        sketched = self._stream is not None and self._stream.sketched
+        if self._stream is not None and not sketched:
             return self._attribute_streamed(sizes, sample_ids, sample_loss, shards, clip)
         with record_function("shardshap.freeze"):
             frozen = {pid: self.estimator.freeze(self.update_rule, sh, clip, dtype, order=cfg.order,
@@ -445,23 +469,35 @@ class Attributor(Stateful):
             moved = id(p) in shards and hp is not None
             owned[id(p)] = frozen[id(p)].multiplier.unsqueeze(0) * hp if moved else None
         W = _GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype)
-        if cfg.product_rank is not None or not backend.partitioned:
+        if (cfg.product_rank is not None and not sketched) or not backend.partitioned:
             W = {pid: W[pid] for pid in owned}  # low rank factorises every layer up front: materialise
         with record_function("shardshap.products"):
-            products = self.capture.products(W, sizes, dtype, rank=cfg.product_rank, num_targets=K)
+            if sketched:
+                products = self.capture.sketched(W, sizes, K)
+            else:
+                products = self.capture.products(W, sizes, dtype, rank=cfg.product_rank, num_targets=K)
         per_param = products.per_param
         if backend.distributed:  # the engines average gradients: each sample's share of the global gradient
             per_param = {name: v / backend.dp_size for name, v in per_param.items()}
         if cfg.check_completeness:
             with record_function("shardshap.completeness"):
-                check_completeness(backend, self.plan, per_param, products.W if isinstance(W, dict) else None,
+                check_completeness(backend, self.plan, per_param,
+                                   products.W if isinstance(W, dict) or sketched else None,
                                    owned, shards, clip, dtype, self.capture.cache_dtype is not None)
         scores = torch.stack(list(per_param.values())).sum(0)
         if offset is not None:
             scores = scores + offset
-        return self._result(scores, sample_ids, sample_loss, target_loss, clip, products.lowrank,
-                            bytes_sent=backend.bytes_sent - bytes_before, cold_start=offset is not None,
-                            schedule="cached")
+        metadata = {"schedule": "cached"}
+        if sketched:  # the next step's bases, from this step's W
+            with record_function("shardshap.sketch_bases"):
+                self._bases, _ = self.capture.bases(W, cfg.sketch_rank)
+            names = self.capture.sketchable()
+            metadata = {"schedule": "streaming", "sketch_energy": products.lowrank["energy"],
+                        "sketch_rank": {names[pid]: b.rank for pid, b in self._bases.items()}}
+        return self._result(scores, sample_ids, sample_loss, target_loss, clip,
+                            {} if sketched else products.lowrank,
+                            bytes_sent=backend.bytes_sent - bytes_before + (self._stream.bytes_sent if sketched else 0),
+                            cold_start=offset is not None, **metadata)
 
     def _attribute_streamed(self, sizes, sample_ids, sample_loss, shards, clip) -> StepResult:
         """The streaming schedule's values: the products taken in the backward, times the real clip factor."""

@@ -10,7 +10,9 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 from .estimators import ESTIMATORS
-from .estimators.predict import STREAM_PREDICTORS
+from .estimators.predict import GRADIENT_PREDICTORS
+
+STREAM_PREDICTORS = ("subspace",) + GRADIENT_PREDICTORS
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -107,13 +109,19 @@ class Config:
         "predicted batch gradient (`stream_predictor`), and each module's products are taken in the backward "
         "as soon as its output gradient exists, so nothing is kept across modules or micro-batches (flat "
         "memory, activation checkpointing keeps its saving). docs/method.md has the fidelity of each.")})
-    stream_predictor: str = field(default="momentum", metadata={"help": (
-        "Streaming only: the batch gradient that fixes the secant slope and the midpoint before the "
-        "backward. 'momentum' (the optimizer's bias-corrected first moment: Adam/AdamW, SGD with momentum; "
-        "nothing kept; zero where the optimizer has no momentum state), 'previous' (the previous step's "
-        "clipped gradient; one gradient-sized copy per rank) or 'zero' (only what momentum and weight decay "
-        "do). The clip factor is the real one in every case. The 'previous' copy is not in "
-        "Attributor.state_dict(): the first step after a resume predicts zero.")})
+    stream_predictor: str = field(default="subspace", metadata={"help": (
+        "Streaming only: what is fixed before the backward. 'subspace': each matrix weight's per-sample "
+        "gradient is kept as a small sketch (sketch_rank x K per side, squared, per sample) in the subspace of "
+        "the previous step's W, and the step's exact W multiplies the sketches after the backward; norms, "
+        "biases and other small parameters keep exact per-sample gradients. The others freeze W itself at a "
+        "predicted batch gradient: 'momentum' (the optimizer's bias-corrected first moment), 'previous' (the "
+        "previous step's clipped gradient; one gradient-sized copy per rank, not in Attributor.state_dict()) or "
+        "'zero' (what momentum and weight decay do alone). The clip factor is the real one in every case; "
+        "docs/method.md has the fidelity of each.")})
+    sketch_rank: int = field(default=16, metadata={"help": (
+        "stream_predictor='subspace': rank per target of each weight's subspace. A weight whose subspace keeps "
+        "less than 0.95 of its W (Frobenius norm) is given twice the rank from then on, up to its full size. "
+        "The step metadata has sketch_energy (what the subspace kept of each W) and sketch_rank.")})
     cold_start: Optional[str] = field(default=None, metadata={"help": (
         "Estimator for the first `cold_steps` steps of Adam/AdamW (state near zero, update close to "
         "lr*sign(g), where the secant's slope is ill-conditioned): 'owen' (Owen's multilinear extension of "
@@ -145,6 +153,8 @@ class Config:
         _choice("compute_dtype", self.compute_dtype, ("auto", "float32", "float64"))
         _choice("schedule", self.schedule, ("cached", "streaming"))
         _choice("stream_predictor", self.stream_predictor, STREAM_PREDICTORS)
+        if isinstance(self.sketch_rank, bool) or not isinstance(self.sketch_rank, int) or self.sketch_rank < 1:
+            raise ConfigError(f"Config.sketch_rank={self.sketch_rank!r} must be a positive integer")
         if self.cold_start is None:
             self.cold_start = "owen" if self.schedule == "cached" else "none"
         _choice("cold_start", self.cold_start, ("owen", "none"))

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-STREAM_PREDICTORS = ("previous", "momentum", "zero")
+GRADIENT_PREDICTORS = ("momentum", "previous", "zero")
 
 
 def predicted_grad(name: str, update_rule, shard, previous: Optional[torch.Tensor], dtype) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch.profiler import record_function
 from ..errors import BatchShapeError, UnsupportedModule
 from .lowrank import MIN_ENERGY, Factors, factorize, worth_it
 from .registry import ProductRule, grads_products, product_rule_for
+from .sketch import Basis, energy, find_basis, needs_more_rank, sketch_products
 
 
 class Products(NamedTuple):
@@ -150,11 +151,32 @@ def _call_products(am: AttributedModule, a, e, grads, Wm, work: torch.dtype) -> 
 
 
 class _Stream:
-    """The streaming schedule's fixed W and the products taken so far, per micro-batch."""
+    """The streaming schedule's fixed W (or the bases of its sketches) and what the backward took so far."""
 
-    def __init__(self, Wm: dict[str, dict], K: int, dtype: torch.dtype):
+    def __init__(self, Wm: Optional[dict[str, dict]], K: int, dtype: torch.dtype,
+                 bases: Optional[dict[int, Basis]] = None):
         self.Wm, self.K, self.dtype = Wm, K, dtype  # Wm: module name -> {local param name: W or Factors}
-        self.out: dict[int, dict[str, torch.Tensor]] = {}  # micro-batch -> canonical name -> [b, K]
+        self.bases = bases  # sketches: id(param) -> Basis (parameters without one keep per-sample gradients)
+        # micro-batch -> canonical name -> products [b, K], or sketches [b, p, q] / per-sample gradients
+        self.out: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def _call_sketches(am: AttributedModule, a, e, grads, bases: dict[int, Basis], work) -> dict[str, torch.Tensor]:
+    """One module call's sketches [b, p, q] of its sketched weights and per-sample gradients of the rest."""
+    if grads is not None:
+        return grads
+    a = a if not a.is_floating_point() else a.to(work)
+    e = e.to(work)
+    out, rest = {}, []
+    for local, p in am.params.items():
+        basis = bases.get(id(p))
+        if basis is None:
+            rest.append(local)
+        else:
+            out[local] = am.rule.sketch(am.module, a, e, basis.U.to(work), basis.V.to(work))
+    if rest:
+        out.update(am.rule.per_sample_grads(am.module, a, e, rest))
+    return out
 
 
 class _DenseW(Mapping):
@@ -172,6 +194,23 @@ class _DenseW(Mapping):
 
     def __len__(self):
         return len(self.kept)
+
+
+class _ProjectedW(Mapping):
+    """id(param) -> the W [K, *shape] the sketched products equal products with: U M V^T on read."""
+
+    def __init__(self, used: dict):
+        self.used = used  # id -> (Basis, M [K, p, q]) or (None, W)
+
+    def __getitem__(self, pid):
+        basis, value = self.used[pid]
+        return value if basis is None else basis.dense(value)
+
+    def __iter__(self):
+        return iter(self.used)
+
+    def __len__(self):
+        return len(self.used)
 
 
 class Capture:
@@ -197,6 +236,7 @@ class Capture:
         self._paused = False
         self._muted = False  # taps as usual (a checkpoint recomputes the same saved tensors), nothing captured
         self._stream: Optional[_Stream] = None
+        self._sketch_ranks: dict[int, int] = {}  # id -> the rank per target a sketched weight grew to
         self._probe: Optional[list] = None  # while probing: [(module name, tapped output)] of the forward
         self._handles = []
         for am in plan_.modules:
@@ -255,8 +295,10 @@ class Capture:
             self.calls[am.name].append(_Call(micro, None if a is None else _cast(a, low),
                                              None if e is None else _cast(e, low), grads))
             return
+        work = stream.dtype if low is None else low
         with record_function(f"shardshap.products.{type(am.rule).__name__}"):
-            res = _call_products(am, a, e, grads, stream.Wm[am.name], stream.dtype if low is None else low)
+            res = (_call_products(am, a, e, grads, stream.Wm[am.name], work) if stream.bases is None
+                   else _call_sketches(am, a, e, grads, stream.bases, work))
         out = stream.out.setdefault(micro, {})
         for local, val in res.items():
             name = self._names[id(am.params[local])]
@@ -367,6 +409,65 @@ class Capture:
                     Wm[am.name][local] = rule.weight_matrix(value.dense()).to(work)
         self._stream = _Stream(Wm, K, dtype)
         return info, _DenseW(kept)
+
+    # ------------------------------------------------------------------ sketches (stream_predictor="subspace")
+    def sketchable(self) -> dict[int, str]:
+        """id -> canonical name of the parameters that every module using them can sketch (matrix weights)."""
+        uses: dict[int, bool] = {}
+        for am in self.plan.modules:
+            for local, p in am.params.items():
+                uses[id(p)] = uses.get(id(p), True) and local in am.rule.sketched
+        return {pid: name for pid, name in self._names.items() if uses.get(pid)}
+
+    def bases(self, W: Mapping[int, torch.Tensor], rank: int) -> tuple[dict[int, Basis], dict]:
+        """Bases for the sketchable parameters from W, read one parameter at a time in plan order (collectives
+        under FSDP2/ZeRO-3), at `rank` per target or the larger rank a parameter needed before: a basis keeping
+        less than MIN_ENERGY of its W is found again at twice the rank (one host sync per round).
+        Returns (bases, {name: kept energy})."""
+        names = self.sketchable()
+        out, kept, todo = {}, {}, dict.fromkeys(names)
+        ranks = self._sketch_ranks
+        while todo:
+            found = {}
+            for pid in todo:
+                Wp = W[pid]
+                found[pid] = (find_basis(Wp, max(rank, ranks.get(pid, rank))), Wp.shape)
+            energies = torch.stack([e for (_, e), _ in found.values()]).tolist() if found else []
+            todo = {}
+            for (pid, ((basis, _), shape)), e in zip(found.items(), energies):
+                out[pid], kept[names[pid]] = basis, e
+                if needs_more_rank(basis, shape, e):
+                    ranks[pid] = 2 * basis.rank
+                    todo[pid] = None
+        return out, kept
+
+    def sketch(self, bases: dict[int, Basis], dtype: torch.dtype) -> None:
+        """Take this step's per-sample sketches (and per-sample gradients of the other parameters) in the
+        backward, for `sketched` to multiply by the step's W afterwards."""
+        self._stream = _Stream(None, 0, dtype, bases)
+
+    def sketched(self, W: Mapping[int, torch.Tensor], batch_sizes: list[int], K: int) -> Products:
+        """Per attributed parameter: [sum(batch_sizes), K] products of this step's sketches with `W` (read one
+        parameter at a time, in plan order). `Products.W` holds the projected W they equal products with
+        (multiplied out on read), `Products.lowrank["energy"]` what the projection kept of each W."""
+        stream = self._stream
+        device = next(iter(self.plan.params.values())).device
+        out, used, kept = {}, {}, {}
+        for name, p in self.plan.params.items():
+            pid, Wp = id(p), W[id(p)]
+            basis = stream.bases.get(pid)
+            if basis is None:
+                used[pid] = (None, Wp)
+                take = lambda g: g.reshape(g.shape[0], -1).to(Wp.dtype) @ Wp.reshape(Wp.shape[0], -1).T  # noqa: E731
+            else:
+                M = basis.project(Wp)
+                used[pid], kept[name] = (basis, M), energy(Wp, M)
+                take = lambda S: sketch_products(S, M)  # noqa: E731
+            parts = [stream.out.get(j, {}).get(name) for j in range(len(batch_sizes))]
+            out[name] = torch.cat([torch.zeros(b, K, dtype=stream.dtype, device=device) if x is None
+                                   else take(x).to(stream.dtype) for x, b in zip(parts, batch_sizes)])
+        energies = torch.stack(list(kept.values())).tolist() if kept else []  # one host sync
+        return Products(out, _ProjectedW(used), {"energy": dict(zip(kept, energies))})
 
     def streamed(self, batch_sizes: list[int]) -> dict[str, torch.Tensor]:
         """The streamed products of the step: canonical name -> [sum(batch_sizes), K] (zeros where no

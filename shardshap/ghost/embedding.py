@@ -6,11 +6,13 @@ from torch import nn
 
 from ..errors import UnsupportedModule
 from .registry import ProductRule, register
+from .sketch import outer_sum
 
 
 @register(nn.Embedding)
 class EmbeddingRule(ProductRule):
     param_names = ("weight",)
+    sketched = ("weight",)
 
     def validate(self, module, name):
         if module.max_norm is not None:
@@ -42,6 +44,10 @@ class EmbeddingRule(ProductRule):
         K, b = rows.shape[:2]
         # vecdot, not einsum: einsum's batched-matmul path was several times slower on CPU
         return {"weight": torch.linalg.vecdot(rows.reshape(K, b, -1), e.reshape(1, b, -1)).T}
+
+    def sketch(self, module, a, e, U, V):
+        idx, e = self._flat(module, a, e)  # the gradient is sum_t onehot(idx_t) e_t^T: U^T onehot is a row of U
+        return outer_sum(U[idx], e @ V)
 
     def per_sample_grads(self, module, a, e, names):
         idx, e = self._flat(module, a, e)

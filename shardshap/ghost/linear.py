@@ -8,6 +8,7 @@ from torch import nn
 
 from .lowrank import Factors, lowrank_products
 from .registry import ProductRule, bias_products, register
+from .sketch import outer_sum
 
 
 def matrix_products(a: torch.Tensor, e: torch.Tensor, Ww: torch.Tensor, Wb: Optional[torch.Tensor] = None):
@@ -63,6 +64,7 @@ def weight_products(a3, e3, Ww, Wb=None):
 @register(nn.Linear)
 class LinearRule(ProductRule):
     low_precision_pays = True
+    sketched = ("weight",)
 
     @staticmethod
     def weight_matrix(Ww):
@@ -82,6 +84,15 @@ class LinearRule(ProductRule):
         if "bias" in W and "bias" not in out:
             out["bias"] = bias_products(e3, W["bias"])
         return out
+
+    @staticmethod
+    def token_factors(a3, e3):
+        """(x, y) with the weight's per-sample gradient sum_t x_t y_t^T in its own shape ([d_out, d_in])."""
+        return e3, a3
+
+    def sketch(self, module, a, e, U, V):
+        x, y = self.token_factors(a.reshape(a.shape[0], -1, a.shape[-1]), e.reshape(e.shape[0], -1, e.shape[-1]))
+        return outer_sum(x @ U, y @ V)
 
     def per_sample_grads(self, module, a, e, names):
         a3 = a.reshape(a.shape[0], -1, a.shape[-1])
@@ -104,3 +115,7 @@ class HFConv1DRule(LinearRule):
     @staticmethod
     def weight_matrix(Ww):
         return Ww.transpose(1, 2)
+
+    @staticmethod
+    def token_factors(a3, e3):
+        return a3, e3  # the weight is [d_in, d_out]

@@ -26,6 +26,10 @@ class ProductRule:
     # weight is a matrix map (Linear, HF Conv1D) so that low rank (Config.product_rank) can factorise W
     weight_matrix: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
+    # parameters whose per-sample gradient is a sum of token outer products in the parameter's own shape
+    # [m, n], which `sketch` compresses (schedule="streaming", stream_predictor="subspace")
+    sketched: tuple[str, ...] = ()
+
     def validate(self, module: nn.Module, name: str) -> None:
         """Raise for module options the rule does not support (checked once, before training)."""
 
@@ -45,6 +49,12 @@ class ProductRule:
         The default goes through `per_sample_grads`: right only where those are small (norm layers).
         """
         return grads_products(self.per_sample_grads(module, a, e, list(W)), W)
+
+    def sketch(self, module: nn.Module, a: torch.Tensor, e: torch.Tensor, U: torch.Tensor,
+               V: torch.Tensor) -> torch.Tensor:
+        """[b, p, q] = U^T G_i V for the per-sample gradient G_i ([m, n], the weight's own shape) of the
+        parameter named in `sketched`, for orthonormal U [m, p] and V [n, q] (ghost/sketch.py)."""
+        raise NotImplementedError
 
     def per_sample_grads(self, module: nn.Module, a: torch.Tensor, e: torch.Tensor,
                          names: list[str]) -> dict[str, torch.Tensor]:

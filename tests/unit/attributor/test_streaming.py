@@ -86,16 +86,32 @@ def test_streaming_training_unchanged_with_every_predictor():
 
 @pytest.mark.parametrize("make", [cases.tiny_gpt2, cases.tiny_llama], ids=["gpt2", "llama"])
 def test_streaming_fidelity_against_cached(make):
-    """Streaming freezes W at a predicted batch gradient; on warm steps its values stay close to the exact
-    (cached) ones. The bounds guard the measured fidelity (docs/method.md, "Streaming"), which is highest
-    with small steps and large batches: lr 3e-4, 16 samples per step here."""
+    """On warm steps streaming stays close to the exact (cached) values: the default 'subspace' sketches at
+    lr 1e-3 (the issue's bar: R >= 0.99 on every step, median >= 0.999), and 'momentum', which freezes W at a
+    predicted gradient and is closest with small steps, at lr 3e-4 (docs/method.md, "Streaming")."""
     case = make(batch_size=8)
     steps = 22
-    cached, _, _ = run(case, shardshap.Config(max_grad_norm=1.0, cold_start="none"), steps, lr=3e-4)
-    streamed, _, _ = run(case, shardshap.Config(schedule="streaming", max_grad_norm=1.0), steps, lr=3e-4)
-    R = torch.tensor([min(pearson(a.scores[:, k], b.scores[:, k]) for k in range(a.scores.shape[1]))
-                      for a, b in zip(cached[10:], streamed[10:])])
-    assert R.min() > 0.98 and R.median() > 0.99, R
+    for predictor, lr, worst, median in [("subspace", 1e-3, 0.99, 0.999), ("momentum", 3e-4, 0.98, 0.99)]:
+        cached, _, _ = run(case, shardshap.Config(max_grad_norm=1.0, cold_start="none"), steps, lr=lr)
+        streamed, _, _ = run(case, shardshap.Config(schedule="streaming", stream_predictor=predictor,
+                                                    max_grad_norm=1.0), steps, lr=lr)
+        R = torch.tensor([min(pearson(a.scores[:, k], b.scores[:, k]) for k in range(a.scores.shape[1]))
+                          for a, b in zip(cached[10:], streamed[10:])])
+        assert R.min() > worst and R.median() > median, (predictor, R)
+
+
+def test_subspace_sketches_equal_products_with_the_projected_W():
+    """The sketches are exact products with U U^T W V V^T: with bases that span everything (rank as large as
+    the layers) the streamed values equal the cached ones, and the metadata says the whole W was kept."""
+    case = cases.tiny_gpt2(batch_size=4)
+    cached, _, _ = run(case, shardshap.Config(max_grad_norm=1.0, cold_start="none"), steps=3)
+    full, _, _ = run(case, shardshap.Config(schedule="streaming", sketch_rank=64, max_grad_norm=1.0), steps=3)
+    for a, b in zip(cached, full):
+        torch.testing.assert_close(b.scores, a.scores, rtol=1e-9, atol=1e-14)
+        assert min(b.metadata["sketch_energy"].values()) > 1 - 1e-9
+    small, _, _ = run(case, shardshap.Config(schedule="streaming", sketch_rank=1, max_grad_norm=1.0), steps=3)
+    grown = small[-1].metadata["sketch_rank"]
+    assert max(grown.values()) > 1, "a weight whose subspace keeps < 0.95 of W gets a larger rank"
 
 
 def test_streaming_with_owen_cold_start_runs_the_cold_steps_cached():
@@ -113,8 +129,9 @@ def test_streaming_low_rank_and_bf16_stay_close_to_exact_streaming(fields):
     """Low rank keeps only each matrix layer's factors (rank 4 of 32 x 96 layers here), bf16 casts the
     captures as they arrive; both are approximations of the exact streamed products."""
     case = cases.tiny_gpt2(batch_size=8, n_embd=32, dtype=torch.float32)
-    exact, _, _ = run(case, shardshap.Config(schedule="streaming", max_grad_norm=1.0), steps=3)
-    approx, _, _ = run(case, shardshap.Config(schedule="streaming", max_grad_norm=1.0, **fields), steps=3)
+    config = dict(schedule="streaming", stream_predictor="momentum", max_grad_norm=1.0)
+    exact, _, _ = run(case, shardshap.Config(**config), steps=3)
+    approx, _, _ = run(case, shardshap.Config(**config, **fields), steps=3)
     for a, b in zip(exact, approx):
         assert pearson(a.scores[:, 0], b.scores[:, 0]) > 0.99
     if "product_rank" in fields:

@@ -1,0 +1,74 @@
+"""Per-sample sketches of matrix gradients in a subspace of W (schedule="streaming", stream_predictor="subspace").
+
+A matrix parameter's per-sample gradient G_i = sum_t x_t y_t^T (x, y: the rule's token factors) is kept as
+its sketch S_i = U^T G_i V ([p, q] per sample, whatever the number of tokens), taken in the backward
+against orthonormal bases U ([m, p]) and V ([n, q]) found from the previous step's W. After the backward,
+the exact W of the step gives the products <S_i, U^T W_k V> = <G_i, U U^T W_k V V^T>: the projection of
+W on the subspace is all that is approximated, and W moves slowly in it from step to step (the targets
+are the same). `energy` measures what the projection keeps of the step's W.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .lowrank import MIN_ENERGY, _orthonormal, factorize
+
+
+@dataclass
+class Basis:
+    """Orthonormal columns spanning W's columns (U, [m, p]) and rows (V, [n, q]) for a weight [m, n]."""
+    U: torch.Tensor
+    V: torch.Tensor
+    rank: int  # rank per target it was found with
+
+    def project(self, W: torch.Tensor) -> torch.Tensor:
+        """[K, p, q] = U^T W_k V for W [K, m, n]."""
+        return self.U.T.to(W.dtype) @ W @ self.V.to(W.dtype)
+
+    def dense(self, M: torch.Tensor) -> torch.Tensor:
+        """[K, m, n] = U M_k V^T: the projected W the products use."""
+        return self.U.to(M.dtype) @ M @ self.V.T.to(M.dtype)
+
+
+def energy(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """min_k ||U^T W_k V|| / ||W_k|| (1 where W_k = 0): how much of W the projection M keeps."""
+    norm = torch.linalg.matrix_norm(W)
+    kept = torch.linalg.matrix_norm(M)
+    return torch.where(norm > 0, kept / torch.where(norm > 0, norm, torch.ones_like(norm)),
+                       torch.ones_like(norm)).clamp(max=1.0).min()
+
+
+def find_basis(W: torch.Tensor, rank: int) -> tuple[Basis, torch.Tensor]:
+    """Bases of rank <= `rank` per target spanning every W_k ([K, m, n]) together (randomized range finder,
+    lowrank.factorize), and the smallest kept energy over the targets (a 0-d tensor: no host sync)."""
+    K, m, n = W.shape
+    f = factorize(W, min(rank, m, n))
+    V = _span(f.right.reshape(-1, n).T, K * rank)           # the targets' row bases side by side: [n, K r]
+    U = _span(f.left.permute(1, 0, 2).reshape(m, -1), K * rank)
+    return Basis(U, V, rank), f.energy.min()
+
+
+def _span(Y: torch.Tensor, width: int) -> torch.Tensor:
+    """Orthonormal columns spanning Y's ([d, l]); the identity (the whole space: exact whatever W does next)
+    when the width asked for, K * rank, reaches d."""
+    d = Y.shape[0]
+    if width >= d:
+        return torch.eye(d, dtype=Y.dtype, device=Y.device)
+    return _orthonormal(Y.unsqueeze(0))[0]
+
+
+def needs_more_rank(basis: Basis, shape: torch.Size, energy: float) -> bool:
+    """Whether a basis keeps too little of W and a larger one would be smaller than the matrix itself."""
+    return energy < MIN_ENERGY and basis.rank < min(shape[-2], shape[-1])
+
+
+def sketch_products(S: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """[b, K] = <S_i, M_k> for sketches S [b, p, q] and projected W M [K, p, q]."""
+    return S.flatten(1) @ M.to(S.dtype).flatten(1).T
+
+
+def outer_sum(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[b, p, q] = sum_t x_t y_t^T for x [b, T, p], y [b, T, q]."""
+    return torch.bmm(x.transpose(1, 2), y)

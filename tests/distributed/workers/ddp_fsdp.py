@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--preset", default=None, help="Config.preset")
     ap.add_argument("--schedule", default="cached", help="Config.schedule")
     ap.add_argument("--product-rank", type=int, default=None, help="Config.product_rank")
+    ap.add_argument("--stream-predictor", default="subspace", help="Config.stream_predictor")
     ap.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "fsdp-keep"],
                     help="fsdp-keep: FSDP2 with reshard_after_forward=False")
     args = ap.parse_args()
@@ -51,7 +52,8 @@ def main():
     attr = shardshap.Attributor(model, opt, train_loss, case.target_loss,
                                 shardshap.Config(max_grad_norm=1.0, num_samples=64, cold_steps=args.cold_steps,
                                                  preset=args.preset, schedule=args.schedule,
-                                                 product_rank=args.product_rank),
+                                                 product_rank=args.product_rank,
+                                                 stream_predictor=args.stream_predictor),
                                 store=args.store)
     ids_out, scores_out = [], []
     for step in range(STEPS):

@@ -5,7 +5,12 @@ under FSDP2 on 8 and 64 GPUs, cached vs streaming, from the sizes of what each s
   plus the owned part of W and the full W of the largest module while its products run (fp32);
 - streaming, exact products: the full W of every attributed parameter, replicated (fp32), plus one
   module's products in flight (negligible);
-- streaming with product_rank=16: rank-16 factors of each matrix layer, embeddings and norms dense.
+- streaming, stream_predictor='momentum' with product_rank=16: rank-16 factors of each matrix layer,
+  embeddings and norms dense;
+- streaming, stream_predictor='subspace' (the default), sketch_rank=16, 8 micro-batches: the bases of
+  every matrix (U and V, K * 16 columns each, fp32, replicated), each sample's sketches ([32, 32] per
+  matrix) and norm gradients ([d] per norm), and after the backward what cached has then (the owned W
+  and the largest module's full W).
 K = 2 targets; micro-batches of 8 x 2048 tokens per rank. The training's own memory is not included.
 
     python benchmarks/memory_projection.py
@@ -55,16 +60,29 @@ def streaming_lowrank_w(m: Llama) -> float:
     return 4.0 * K * (factors + dense)
 
 
+def matrices(m: Llama) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every matrix weight: the Linears, the embedding and (untied) the LM head."""
+    return m.layers * m.linears() + [(m.vocab, m.d)] * (1 if m.tied else 2)
+
+
+def streaming_subspace(m: Llama, w_after: float, micro: int = 8) -> float:
+    width = K * RANK
+    bases = 4.0 * sum(width * (i + o) for i, o in matrices(m))
+    per_sample = len(matrices(m)) * width * width + (2 * m.layers + 1) * m.d
+    return bases + 4.0 * 8 * micro * per_sample + w_after
+
+
 def main():
-    print("| model | GPUs | cached, 1 micro-batch | cached, 8 micro-batches | streaming exact | streaming rank 16 |")
-    print("|---|---|---|---|---|---|")
+    print("| model | GPUs | cached, 1 micro-batch | cached, 8 micro-batches | streaming exact W | streaming rank-16 W "
+          "| streaming subspace, 8 micro-batches |")
+    print("|---|---|---|---|---|---|---|")
     for m in MODELS:
         n = m.params()
         largest = max(max(i * o for i, o in m.linears()), m.vocab * m.d)
         for gpus in (8, 64):
             w_cached = 4.0 * K * (n / gpus + largest)
             cells = [w_cached + cached_captures(m), w_cached + 8 * cached_captures(m), 4.0 * K * n,
-                     streaming_lowrank_w(m)]
+                     streaming_lowrank_w(m), streaming_subspace(m, w_cached)]
             print(f"| {m.name}, {n / 1e9:.2f}B | {gpus} | " + " | ".join(f"{c / GIB:.1f} GiB" for c in cells) + " |")
 
 

@@ -318,6 +318,7 @@ class Attributor(Stateful):
                                    f"{self.run_id!r}: pass run_id= or the same config")
         self.step_index = int(state["step"])
         self._resume_step = self.step_index
+        self._bases = None  # (found again from the resumed state's W at the next streamed step)
         if self._writer is not None:
             self._writer.load_state_dict({**state["store"], "next_step": self.step_index})
 
@@ -472,8 +473,8 @@ class Attributor(Stateful):
         if (cfg.product_rank is not None and not sketched) or not backend.partitioned:
             W = {pid: W[pid] for pid in owned}  # low rank factorises every layer up front: materialise
         with record_function("shardshap.products"):
-            if sketched:
-                products = self.capture.sketched(W, sizes, K)
+            if sketched:  # (and the next step's bases, from this step's W)
+                products, self._bases = self.capture.sketched(W, sizes, K, cfg.sketch_rank)
             else:
                 products = self.capture.products(W, sizes, dtype, rank=cfg.product_rank, num_targets=K)
         per_param = products.per_param
@@ -488,9 +489,7 @@ class Attributor(Stateful):
         if offset is not None:
             scores = scores + offset
         metadata = {"schedule": "cached"}
-        if sketched:  # the next step's bases, from this step's W
-            with record_function("shardshap.sketch_bases"):
-                self._bases, _ = self.capture.bases(W, cfg.sketch_rank)
+        if sketched:
             names = self.capture.sketchable()
             metadata = {"schedule": "streaming", "sketch_energy": products.lowrank["energy"],
                         "sketch_rank": {names[pid]: b.rank for pid, b in self._bases.items()}}

@@ -419,26 +419,28 @@ class Capture:
                 uses[id(p)] = uses.get(id(p), True) and local in am.rule.sketched
         return {pid: name for pid, name in self._names.items() if uses.get(pid)}
 
-    def bases(self, W: Mapping[int, torch.Tensor], rank: int) -> tuple[dict[int, Basis], dict]:
+    def _basis(self, pid: int, Wp: torch.Tensor, rank: int) -> tuple[Basis, torch.Tensor, torch.Size]:
+        return *find_basis(Wp, max(rank, self._sketch_ranks.get(pid, rank))), Wp.shape
+
+    def bases(self, W: Mapping[int, torch.Tensor], rank: int, found: Optional[dict] = None
+              ) -> tuple[dict[int, Basis], dict]:
         """Bases for the sketchable parameters from W, read one parameter at a time in plan order (collectives
         under FSDP2/ZeRO-3), at `rank` per target or the larger rank a parameter needed before: a basis keeping
-        less than MIN_ENERGY of its W is found again at twice the rank (one host sync per round).
-        Returns (bases, {name: kept energy})."""
+        less than MIN_ENERGY of its W is found again at twice the rank (one host sync per round). `found`:
+        the first round, taken by the caller while it held each W. Returns (bases, {name: kept energy})."""
         names = self.sketchable()
-        out, kept, todo = {}, {}, dict.fromkeys(names)
-        ranks = self._sketch_ranks
-        while todo:
-            found = {}
-            for pid in todo:
-                Wp = W[pid]
-                found[pid] = (find_basis(Wp, max(rank, ranks.get(pid, rank))), Wp.shape)
-            energies = torch.stack([e for (_, e), _ in found.values()]).tolist() if found else []
-            todo = {}
-            for (pid, ((basis, _), shape)), e in zip(found.items(), energies):
+        if found is None:
+            found = {pid: self._basis(pid, W[pid], rank) for pid in names}
+        out, kept = {}, {}
+        while found:
+            energies = torch.stack([e for _, e, _ in found.values()]).tolist()
+            retry = []
+            for (pid, (basis, _, shape)), e in zip(found.items(), energies):
                 out[pid], kept[names[pid]] = basis, e
                 if needs_more_rank(basis, shape, e):
-                    ranks[pid] = 2 * basis.rank
-                    todo[pid] = None
+                    self._sketch_ranks[pid] = 2 * basis.rank
+                    retry.append(pid)
+            found = {pid: self._basis(pid, W[pid], rank) for pid in retry}
         return out, kept
 
     def sketch(self, bases: dict[int, Basis], dtype: torch.dtype) -> None:
@@ -446,15 +448,20 @@ class Capture:
         backward, for `sketched` to multiply by the step's W afterwards."""
         self._stream = _Stream(None, 0, dtype, bases)
 
-    def sketched(self, W: Mapping[int, torch.Tensor], batch_sizes: list[int], K: int) -> Products:
+    def sketched(self, W: Mapping[int, torch.Tensor], batch_sizes: list[int], K: int,
+                 rank: int) -> tuple[Products, dict[int, Basis]]:
         """Per attributed parameter: [sum(batch_sizes), K] products of this step's sketches with `W` (read one
         parameter at a time, in plan order). `Products.W` holds the projected W they equal products with
-        (multiplied out on read), `Products.lowrank["energy"]` what the projection kept of each W."""
+        (multiplied out on read), `Products.lowrank["energy"]` what the projection kept of each W. Also
+        returns the next step's bases (`bases`), found from the same reads of W."""
         stream = self._stream
         device = next(iter(self.plan.params.values())).device
-        out, used, kept = {}, {}, {}
+        sketchable = self.sketchable()
+        out, used, kept, found = {}, {}, {}, {}
         for name, p in self.plan.params.items():
             pid, Wp = id(p), W[id(p)]
+            if pid in sketchable:
+                found[pid] = self._basis(pid, Wp, rank)
             basis = stream.bases.get(pid)
             if basis is None:
                 used[pid] = (None, Wp)
@@ -467,7 +474,8 @@ class Capture:
             out[name] = torch.cat([torch.zeros(b, K, dtype=stream.dtype, device=device) if x is None
                                    else take(x).to(stream.dtype) for x, b in zip(parts, batch_sizes)])
         energies = torch.stack(list(kept.values())).tolist() if kept else []  # one host sync
-        return Products(out, _ProjectedW(used), {"energy": dict(zip(kept, energies))})
+        bases, _ = self.bases(W, rank, found)
+        return Products(out, _ProjectedW(used), {"energy": dict(zip(kept, energies))}), bases
 
     def streamed(self, batch_sizes: list[int]) -> dict[str, torch.Tensor]:
         """The streamed products of the step: canonical name -> [sum(batch_sizes), K] (zeros where no

@@ -334,7 +334,9 @@ def configs(rank_list) -> dict[str, object]:
         out[f"rank {r}"] = shardshap.Config(product_rank=r)
     out["bf16 cache + rank 16"] = shardshap.Config(cache_dtype="bfloat16", product_rank=16)
     out["preset fast"] = shardshap.Config(preset="fast")  # bf16 cache and target pass, exact contraction, compiled
-    out["streaming"] = shardshap.Config(schedule="streaming")  # W fixed before the forward, products in backward
+    out["streaming"] = shardshap.Config(schedule="streaming")  # sketches in the backward, W after it
+    out["streaming sketch_rank 32"] = shardshap.Config(schedule="streaming", sketch_rank=32)
+    out["streaming momentum"] = shardshap.Config(schedule="streaming", stream_predictor="momentum")  # W before
     out["streaming + preset fast"] = shardshap.Config(schedule="streaming", preset="fast")
     return out
 
@@ -499,6 +501,8 @@ def main():
                     "instead of the tables")
     ap.add_argument("--breakdown", choices=["exact", "fast", "lowrank"], help="wall-clock split of W1 steps of "
                     "that preset (phases, product rules, recording overhead) instead of the tables")
+    ap.add_argument("--configs", type=lambda s: s.split(","), default=None,
+                    help="W1: only these configurations (comma-separated names of the table's rows)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--warm-steps", type=int, default=12,
                     help="plain steps before timing (>= 11: past Config.cold_steps, the timed steps are warm)")
@@ -531,8 +535,13 @@ def main():
     if "w1" in args.workloads:
         wl = make_workload("w1", dev, 2)
         warm(wl, warm_steps)
-        rows = run_table(wl, configs(args.ranks), args.rounds, args.warmup, fid_steps, warm_steps,
-                         mem=not args.no_memory)
+        chosen = configs(args.ranks)
+        if args.configs:
+            unknown = set(args.configs) - set(chosen)
+            if unknown:
+                ap.error(f"unknown --configs {sorted(unknown)}; choose from {list(chosen)}")
+            chosen = {name: cfg for name, cfg in chosen.items() if name in args.configs}
+        rows = run_table(wl, chosen, args.rounds, args.warmup, fid_steps, warm_steps, mem=not args.no_memory)
         print_rows("W1: GPT-2 4 layers, d=256, T=128, vocab 4096, batch 32, target batch 2, AdamW fp32", rows)
         sweep = []
         for tb in args.rho_batches:

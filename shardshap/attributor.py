@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ from .target import evaluate_targets, target_gradients
 from .types import Recording, StepResult
 
 _UNSET: Any = object()  # "not given" (None is a valid value for targets)
+SUBSPACE_WARN_ENERGY = 0.8  # stream_predictor='subspace': below this kept energy of a W, warn (once)
 
 
 def _as_ids(x, j: int) -> torch.Tensor:
@@ -169,6 +171,7 @@ class Attributor(Stateful):
         self._stream: Optional[_StreamedStep] = None  # streaming: what the step's W was fixed with
         self._previous_grad: dict[int, torch.Tensor] = {}  # stream_predictor='previous': last clipped gradient
         self._bases: Optional[dict] = None  # stream_predictor='subspace': id -> Basis from the last step's W
+        self._warned_subspace = False
         self._probed = False  # the first step of step() checked that every module is batch-first
 
     # ------------------------------------------------------------------ public API
@@ -392,7 +395,7 @@ class Attributor(Stateful):
         bytes_before = self.backend.bytes_sent
         if self._bases is None:
             W, _ = self._predicted_W(targets, shards, "momentum")
-            self._bases, _ = self.capture.bases(W, self.config.sketch_rank)
+            self._bases = self.capture.bases(W, self.config.sketch_rank)
         self.capture.sketch(self._bases, self.dtype)
         return _StreamedStep(None, None, {}, self.backend.bytes_sent - bytes_before)
 
@@ -490,9 +493,9 @@ class Attributor(Stateful):
             scores = scores + offset
         metadata = {"schedule": "cached"}
         if sketched:
-            names = self.capture.sketchable()
-            metadata = {"schedule": "streaming", "sketch_energy": products.lowrank["energy"],
-                        "sketch_rank": {names[pid]: b.rank for pid, b in self._bases.items()}}
+            metadata = {"schedule": "streaming", "sketch_energy": products.lowrank["energy"]}
+            if not any(is_cold(self.update_rule, sh, cfg.cold_steps) for sh in shards.values()):
+                self._warn_if_subspace_lags(products.lowrank["energy"])  # (cold steps' W jump: Adam's start)
         return self._result(scores, sample_ids, sample_loss, target_loss, clip,
                             {} if sketched else products.lowrank,
                             bytes_sent=backend.bytes_sent - bytes_before + (self._stream.bytes_sent if sketched else 0),
@@ -514,6 +517,17 @@ class Attributor(Stateful):
         return self._result(scores, sample_ids, sample_loss, stream.target_loss, clip, stream.lowrank,
                             bytes_sent=stream.bytes_sent + backend.bytes_sent - bytes_before, cold_start=False,
                             schedule="streaming")
+
+    def _warn_if_subspace_lags(self, energy: dict[str, float]) -> None:
+        low = {n: e for n, e in energy.items() if e < SUBSPACE_WARN_ENERGY}
+        if low and not self._warned_subspace:
+            self._warned_subspace = True
+            worst = ", ".join(f"{n} ({e:.2f})" for n, e in sorted(low.items(), key=lambda x: x[1])[:5])
+            warnings.warn(f"step {self.step_index}: the previous step's subspace kept less than "
+                          f"{SUBSPACE_WARN_ENERGY} of this step's W for {len(low)} weight(s): {worst}. Their values "
+                          "are approximate beyond the usual; raise Config.sketch_rank (memory per sample: "
+                          "(K * sketch_rank)^2 per weight) or use schedule='cached'. (Warned once; every step's "
+                          "metadata has sketch_energy.)", stacklevel=3)
 
     def _result(self, scores, sample_ids, sample_loss, target_loss, clip, lowrank, **metadata) -> StepResult:
         cfg = self.config

@@ -119,9 +119,10 @@ class Config:
         "'zero' (what momentum and weight decay do alone). The clip factor is the real one in every case; "
         "docs/method.md has the fidelity of each.")})
     sketch_rank: int = field(default=16, metadata={"help": (
-        "stream_predictor='subspace': rank per target of each weight's subspace. A weight whose subspace keeps "
-        "less than 0.95 of its W (Frobenius norm) is given twice the rank from then on, up to its full size. "
-        "The step metadata has sketch_energy (what the subspace kept of each W) and sketch_rank.")})
+        "stream_predictor='subspace': directions per target and side of each weight's subspace; each sample "
+        "keeps a (K * sketch_rank)^2 sketch per matrix weight (capped at the weight's own size). The step "
+        "metadata has sketch_energy: what the previous step's subspace kept of each weight's W "
+        "(||U^T W V|| / ||W||); the Attributor warns once when one falls below 0.8.")})
     cold_start: Optional[str] = field(default=None, metadata={"help": (
         "Estimator for the first `cold_steps` steps of Adam/AdamW (state near zero, update close to "
         "lr*sign(g), where the secant's slope is ill-conditioned): 'owen' (Owen's multilinear extension of "

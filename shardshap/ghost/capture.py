@@ -5,7 +5,7 @@ import fnmatch
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from torch.profiler import record_function
 from ..errors import BatchShapeError, UnsupportedModule
 from .lowrank import MIN_ENERGY, Factors, factorize, worth_it
 from .registry import ProductRule, grads_products, product_rule_for
-from .sketch import Basis, energy, find_basis, needs_more_rank, sketch_products
+from .sketch import Basis, energy, find_basis, sketch_products
 
 
 class Products(NamedTuple):
@@ -179,38 +179,26 @@ def _call_sketches(am: AttributedModule, a, e, grads, bases: dict[int, Basis], w
     return out
 
 
-class _DenseW(Mapping):
-    """id(param) -> the W [K, *shape] the streamed products use; low-rank factors are multiplied out on read."""
+def _factors_to_dense(rule: ProductRule) -> Callable[[Factors], torch.Tensor]:
+    return lambda f: rule.weight_matrix(f.dense())
 
-    def __init__(self, kept: dict):
+
+class _DenseOnRead(Mapping):
+    """id(param) -> the W [K, *shape] products were taken with, kept compact as (to_dense, value) and multiplied
+    out on read (low-rank factors, projections; to_dense None: value is W itself)."""
+
+    def __init__(self, kept: dict[int, tuple[Optional[Callable], object]]):
         self.kept = kept
 
     def __getitem__(self, pid):
-        rule, value = self.kept[pid]
-        return value if rule is None else rule.weight_matrix(value.dense())
+        to_dense, value = self.kept[pid]
+        return value if to_dense is None else to_dense(value)
 
     def __iter__(self):
         return iter(self.kept)
 
     def __len__(self):
         return len(self.kept)
-
-
-class _ProjectedW(Mapping):
-    """id(param) -> the W [K, *shape] the sketched products equal products with: U M V^T on read."""
-
-    def __init__(self, used: dict):
-        self.used = used  # id -> (Basis, M [K, p, q]) or (None, W)
-
-    def __getitem__(self, pid):
-        basis, value = self.used[pid]
-        return value if basis is None else basis.dense(value)
-
-    def __iter__(self):
-        return iter(self.used)
-
-    def __len__(self):
-        return len(self.used)
 
 
 class Capture:
@@ -236,7 +224,6 @@ class Capture:
         self._paused = False
         self._muted = False  # taps as usual (a checkpoint recomputes the same saved tensors), nothing captured
         self._stream: Optional[_Stream] = None
-        self._sketch_ranks: dict[int, int] = {}  # id -> the rank per target a sketched weight grew to
         self._probe: Optional[list] = None  # while probing: [(module name, tapped output)] of the forward
         self._handles = []
         for am in plan_.modules:
@@ -408,7 +395,8 @@ class Capture:
                 else:  # a tied weight's use in the other orientation takes the dense W_r
                     Wm[am.name][local] = rule.weight_matrix(value.dense()).to(work)
         self._stream = _Stream(Wm, K, dtype)
-        return info, _DenseW(kept)
+        return info, _DenseOnRead({pid: (None if rule is None else _factors_to_dense(rule), value)
+                                   for pid, (rule, value) in kept.items()})
 
     # ------------------------------------------------------------------ sketches (stream_predictor="subspace")
     def sketchable(self) -> dict[int, str]:
@@ -419,29 +407,10 @@ class Capture:
                 uses[id(p)] = uses.get(id(p), True) and local in am.rule.sketched
         return {pid: name for pid, name in self._names.items() if uses.get(pid)}
 
-    def _basis(self, pid: int, Wp: torch.Tensor, rank: int) -> tuple[Basis, torch.Tensor, torch.Size]:
-        return *find_basis(Wp, max(rank, self._sketch_ranks.get(pid, rank))), Wp.shape
-
-    def bases(self, W: Mapping[int, torch.Tensor], rank: int, found: Optional[dict] = None
-              ) -> tuple[dict[int, Basis], dict]:
-        """Bases for the sketchable parameters from W, read one parameter at a time in plan order (collectives
-        under FSDP2/ZeRO-3), at `rank` per target or the larger rank a parameter needed before: a basis keeping
-        less than MIN_ENERGY of its W is found again at twice the rank (one host sync per round). `found`:
-        the first round, taken by the caller while it held each W. Returns (bases, {name: kept energy})."""
-        names = self.sketchable()
-        if found is None:
-            found = {pid: self._basis(pid, W[pid], rank) for pid in names}
-        out, kept = {}, {}
-        while found:
-            energies = torch.stack([e for _, e, _ in found.values()]).tolist()
-            retry = []
-            for (pid, (basis, _, shape)), e in zip(found.items(), energies):
-                out[pid], kept[names[pid]] = basis, e
-                if needs_more_rank(basis, shape, e):
-                    self._sketch_ranks[pid] = 2 * basis.rank
-                    retry.append(pid)
-            found = {pid: self._basis(pid, W[pid], rank) for pid in retry}
-        return out, kept
+    def bases(self, W: Mapping[int, torch.Tensor], rank: int) -> dict[int, Basis]:
+        """Bases of `rank` directions per target and side for the sketchable parameters, from W (read one
+        parameter at a time in plan order: collectives under FSDP2/ZeRO-3)."""
+        return {pid: find_basis(W[pid], rank) for pid in self.sketchable()}
 
     def sketch(self, bases: dict[int, Basis], dtype: torch.dtype) -> None:
         """Take this step's per-sample sketches (and per-sample gradients of the other parameters) in the
@@ -457,25 +426,24 @@ class Capture:
         stream = self._stream
         device = next(iter(self.plan.params.values())).device
         sketchable = self.sketchable()
-        out, used, kept, found = {}, {}, {}, {}
+        out, used, kept, bases = {}, {}, {}, {}
         for name, p in self.plan.params.items():
             pid, Wp = id(p), W[id(p)]
             if pid in sketchable:
-                found[pid] = self._basis(pid, Wp, rank)
+                bases[pid] = find_basis(Wp, rank)
             basis = stream.bases.get(pid)
             if basis is None:
                 used[pid] = (None, Wp)
                 take = lambda g: g.reshape(g.shape[0], -1).to(Wp.dtype) @ Wp.reshape(Wp.shape[0], -1).T  # noqa: E731
             else:
                 M = basis.project(Wp)
-                used[pid], kept[name] = (basis, M), energy(Wp, M)
+                used[pid], kept[name] = (basis.dense, M), energy(Wp, M)
                 take = lambda S: sketch_products(S, M)  # noqa: E731
             parts = [stream.out.get(j, {}).get(name) for j in range(len(batch_sizes))]
             out[name] = torch.cat([torch.zeros(b, K, dtype=stream.dtype, device=device) if x is None
                                    else take(x).to(stream.dtype) for x, b in zip(parts, batch_sizes)])
         energies = torch.stack(list(kept.values())).tolist() if kept else []  # one host sync
-        bases, _ = self.bases(W, rank, found)
-        return Products(out, _ProjectedW(used), {"energy": dict(zip(kept, energies))}), bases
+        return Products(out, _DenseOnRead(used), {"energy": dict(zip(kept, energies))}), bases
 
     def streamed(self, batch_sizes: list[int]) -> dict[str, torch.Tensor]:
         """The streamed products of the step: canonical name -> [sum(batch_sizes), K] (zeros where no

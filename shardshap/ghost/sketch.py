@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lowrank import MIN_ENERGY, _orthonormal, factorize
+from .lowrank import _orthonormal, factorize
 
 
 @dataclass
@@ -21,7 +21,6 @@ class Basis:
     """Orthonormal columns spanning W's columns (U, [m, p]) and rows (V, [n, q]) for a weight [m, n]."""
     U: torch.Tensor
     V: torch.Tensor
-    rank: int  # rank per target it was found with
 
     def project(self, W: torch.Tensor) -> torch.Tensor:
         """[K, p, q] = U^T W_k V for W [K, m, n]."""
@@ -40,14 +39,14 @@ def energy(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
                        torch.ones_like(norm)).clamp(max=1.0).min()
 
 
-def find_basis(W: torch.Tensor, rank: int) -> tuple[Basis, torch.Tensor]:
-    """Bases of rank <= `rank` per target spanning every W_k ([K, m, n]) together (randomized range finder,
-    lowrank.factorize), and the smallest kept energy over the targets (a 0-d tensor: no host sync)."""
+def find_basis(W: torch.Tensor, rank: int) -> Basis:
+    """Bases spanning every W_k ([K, m, n]) together, `rank` directions per target and side: each target's
+    rows from a randomized range finder (lowrank.factorize: Q_k spans W_k^T Omega), its columns from W_k Q_k
+    (aligned with the rows found, better than a second random sketch), side by side over the targets."""
     K, m, n = W.shape
     f = factorize(W, min(rank, m, n))
-    V = _span(f.right.reshape(-1, n).T, K * rank)           # the targets' row bases side by side: [n, K r]
-    U = _span(f.left.permute(1, 0, 2).reshape(m, -1), K * rank)
-    return Basis(U, V, rank), f.energy.min()
+    return Basis(_span(f.left.permute(1, 0, 2).reshape(m, -1), K * rank),  # [m, K r]
+                 _span(f.right.reshape(-1, n).T, K * rank))                # [n, K r]
 
 
 def _span(Y: torch.Tensor, width: int) -> torch.Tensor:
@@ -57,11 +56,6 @@ def _span(Y: torch.Tensor, width: int) -> torch.Tensor:
     if width >= d:
         return torch.eye(d, dtype=Y.dtype, device=Y.device)
     return _orthonormal(Y.unsqueeze(0))[0]
-
-
-def needs_more_rank(basis: Basis, shape: torch.Size, energy: float) -> bool:
-    """Whether a basis keeps too little of W and a larger one would be smaller than the matrix itself."""
-    return energy < MIN_ENERGY and basis.rank < min(shape[-2], shape[-1])
 
 
 def sketch_products(S: torch.Tensor, M: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch.profiler import record_function
 from ..errors import BatchShapeError, UnsupportedModule
 from .lowrank import MIN_ENERGY, Factors, factorize, worth_it
 from .registry import ProductRule, grads_products, product_rule_for
-from .sketch import Basis, energy, find_basis, sketch_products
+from .sketch import Basis, find_basis, flat_products, kept_energy
 
 
 class Products(NamedTuple):
@@ -432,16 +432,14 @@ class Capture:
             if pid in sketchable:
                 bases[pid] = find_basis(Wp, rank)
             basis = stream.bases.get(pid)
-            if basis is None:
-                used[pid] = (None, Wp)
-                take = lambda g: g.reshape(g.shape[0], -1).to(Wp.dtype) @ Wp.reshape(Wp.shape[0], -1).T  # noqa: E731
-            else:
-                M = basis.project(Wp)
-                used[pid], kept[name] = (basis.dense, M), energy(Wp, M)
-                take = lambda S: sketch_products(S, M)  # noqa: E731
+            if basis is None:  # kept per-sample gradients, against W itself
+                against, used[pid] = Wp, (None, Wp)
+            else:  # sketches, against the projection of W on the basis
+                against = basis.project(Wp)
+                used[pid], kept[name] = (basis.dense, against), kept_energy(Wp, against)
             parts = [stream.out.get(j, {}).get(name) for j in range(len(batch_sizes))]
             out[name] = torch.cat([torch.zeros(b, K, dtype=stream.dtype, device=device) if x is None
-                                   else take(x).to(stream.dtype) for x, b in zip(parts, batch_sizes)])
+                                   else flat_products(x.to(stream.dtype), against) for x, b in zip(parts, batch_sizes)])
         energies = torch.stack(list(kept.values())).tolist() if kept else []  # one host sync
         return Products(out, _DenseOnRead(used), {"energy": dict(zip(kept, energies))}), bases
 

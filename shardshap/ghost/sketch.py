@@ -5,7 +5,7 @@ its sketch S_i = U^T G_i V ([p, q] per sample, whatever the number of tokens), t
 against orthonormal bases U ([m, p]) and V ([n, q]) found from the previous step's W. After the backward,
 the exact W of the step gives the products <S_i, U^T W_k V> = <G_i, U U^T W_k V V^T>: the projection of
 W on the subspace is all that is approximated, and W moves slowly in it from step to step (the targets
-are the same). `energy` measures what the projection keeps of the step's W.
+are the same). `kept_energy` measures what the projection keeps of the step's W.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class Basis:
         return self.U.to(M.dtype) @ M @ self.V.T.to(M.dtype)
 
 
-def energy(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+def kept_energy(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """min_k ||U^T W_k V|| / ||W_k|| (1 where W_k = 0): how much of W the projection M keeps."""
     norm = torch.linalg.matrix_norm(W)
     kept = torch.linalg.matrix_norm(M)
@@ -58,8 +58,9 @@ def _span(Y: torch.Tensor, width: int) -> torch.Tensor:
     return _orthonormal(Y.unsqueeze(0))[0]
 
 
-def sketch_products(S: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """[b, K] = <S_i, M_k> for sketches S [b, p, q] and projected W M [K, p, q]."""
+def flat_products(S: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """[b, K] = <S_i, M_k> for sketches S [b, p, q] and projected W M [K, p, q] (or per-sample gradients and
+    W: any [b, *shape] and [K, *shape])."""
     return S.flatten(1) @ M.to(S.dtype).flatten(1).T
 
 

@@ -22,7 +22,7 @@ setup(
     extras_require={
         "hf": ["transformers>=4.56", "accelerate>=1.1"],
         "distributed": ["deepspeed", "mpi4py", "mpich"],
-        "test": ["pytest", "ruff", "scikit-learn", "transformers>=4.56"],
+        "test": ["pytest", "ruff", "scikit-learn", "transformers>=4.56", "peft>=0.13"],
     },
     entry_points={"console_scripts": ["shardshap=shardshap.cli:main"]},
 )

@@ -487,7 +487,7 @@ class Attributor(Stateful):
             with record_function("shardshap.completeness"):
                 check_completeness(backend, self.plan, per_param,
                                    products.W if isinstance(W, dict) or sketched else None,
-                                   owned, shards, clip, dtype, self.capture.cache_dtype is not None)
+                                   owned, shards, clip, dtype, self.capture.precision())
         scores = torch.stack(list(per_param.values())).sum(0)
         if offset is not None:
             scores = scores + offset
@@ -512,7 +512,7 @@ class Attributor(Stateful):
             with record_function("shardshap.completeness"):
                 # <clipped gradient, W> / clip: the unclipped batch gradient, as the products use it
                 check_completeness(backend, self.plan, per_param, stream.W, None, shards, clip, self.dtype,
-                                   self.capture.cache_dtype is not None)
+                                   self.capture.precision())
         scores = torch.stack(list(per_param.values())).sum(0) * clip
         return self._result(scores, sample_ids, sample_loss, stream.target_loss, clip, stream.lowrank,
                             bytes_sent=stream.bytes_sent + backend.bytes_sent - bytes_before, cold_start=False,

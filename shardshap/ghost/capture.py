@@ -132,6 +132,11 @@ class _Tap(torch.autograd.Function):
         return grad, None, None
 
 
+def _lowest(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The less precise of two float dtypes."""
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
+
+
 def refused_by_reentrant_checkpoint(err: BaseException) -> bool:
     """torch's error for autograd.grad() through a reentrant (use_reentrant=True) checkpoint."""
     return isinstance(err, RuntimeError) and "use_reentrant=True" in str(err)
@@ -224,6 +229,7 @@ class Capture:
         self._paused = False
         self._muted = False  # taps as usual (a checkpoint recomputes the same saved tensors), nothing captured
         self._stream: Optional[_Stream] = None
+        self._seen: dict[str, torch.dtype] = {}  # module name -> lowest dtype of its output gradients this step
         self._probe: Optional[list] = None  # while probing: [(module name, tapped output)] of the forward
         self._handles = []
         for am in plan_.modules:
@@ -270,6 +276,7 @@ class Capture:
         """The backward reached one call of `am`: its input `a` and output gradient `e` are hot."""
         if self._muted:  # the batch-first probe's backward
             return
+        self._seen[am.name] = _lowest(e.dtype, self._seen.get(am.name, e.dtype))  # (autocast, mixed precision)
         low = self._low_dtype(am)
         grads = None
         if am.rule.reduce_in_backward:  # take the per-sample gradients now and keep them instead of (a, e)
@@ -349,7 +356,20 @@ class Capture:
                     "no operation that mixes samples (batch normalisation) before the loss. Transpose to batch-first "
                     "or exclude the module with Config(exclude=[...]).")
 
+    def precision(self) -> dict[str, torch.dtype]:
+        """Per parameter name: the lowest float dtype its gradient or products were computed in this step (its
+        own dtype, its modules' output gradients under autocast or mixed precision, cache_dtype)."""
+        out = {name: p.dtype for name, p in self.plan.params.items()}
+        for am in self.plan.modules:
+            for p in am.params.values():
+                name = self._names[id(p)]
+                for dt in (self._seen.get(am.name), self._low_dtype(am)):
+                    if dt is not None:
+                        out[name] = _lowest(out[name], dt)
+        return out
+
     def clear(self) -> None:
+        self._seen.clear()
         for calls in self.calls.values():
             calls.clear()
         self._stream = None

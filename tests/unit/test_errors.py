@@ -111,14 +111,18 @@ class FunctionalTie(nn.Module):
         return self.b(F.linear(self.a(x).tanh(), self.a.weight))
 
 
-@pytest.mark.parametrize("dtype,cache", [(torch.float64, None), (torch.float32, "bfloat16")])
-def test_functional_reuse_is_caught_not_silently_wrong(dtype, cache):
-    """Also with bf16 products, whose check allows 2% of rounding per layer."""
+@pytest.mark.parametrize("dtype,cache,autocast", [(torch.float64, None, False), (torch.float32, "bfloat16", False),
+                                                   (torch.float32, None, True)])
+def test_functional_reuse_is_caught_not_silently_wrong(dtype, cache, autocast):
+    """Also with bf16 products or a bf16 autocast forward, whose check allows 5% of rounding per layer."""
     torch.manual_seed(0)
     model = FunctionalTie().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
-    loss = lambda m, b: m(b).pow(2).sum(1)
+
+    def loss(m, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return m(b).float().pow(2).sum(1)
     attr = shardshap.Attributor(model, opt, loss, lambda m, t: m(t).pow(2).mean(), Config(cache_dtype=cache))
     with pytest.raises(AttributionError, match=r"do not add up to the batch gradient for: a.weight"):
         attr.step(torch.randn(5, 4, dtype=dtype), torch.arange(5), torch.randn(3, 4, dtype=dtype))

@@ -25,6 +25,8 @@ def main():
     ap.add_argument("--schedule", default="cached", help="Config.schedule")
     ap.add_argument("--product-rank", type=int, default=None, help="Config.product_rank")
     ap.add_argument("--stream-predictor", default="subspace", help="Config.stream_predictor")
+    ap.add_argument("--mixed-precision", action="store_true",
+                    help="FSDP2 MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)")
     ap.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "fsdp-keep"],
                     help="fsdp-keep: FSDP2 with reshard_after_forward=False")
     args = ap.parse_args()
@@ -34,11 +36,13 @@ def main():
     if args.engine == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(case.model)
     else:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         reshard = args.engine == "fsdp"
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if args.mixed_precision else MixedPrecisionPolicy()
         for block in case.model.transformer.h:
-            fully_shard(block, reshard_after_forward=reshard)
-        model = fully_shard(case.model, reshard_after_forward=reshard)
+            fully_shard(block, reshard_after_forward=reshard, mp_policy=mp)
+        model = fully_shard(case.model, reshard_after_forward=reshard, mp_policy=mp)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     train_loss = case.train_loss
     if rank == 1 and args.fail_at_step >= 0:

@@ -5,8 +5,10 @@ changes it), so step t of each run is the same game.
 
     python benchmarks/streaming_fidelity.py            # the tables of docs/method.md ("Streaming")
     python benchmarks/streaming_fidelity.py --quick    # one window, one learning rate
+    python benchmarks/streaming_fidelity.py --quick --cases "GPT-2 d=64" --columns "subspace,subspace sketch_rank 32,momentum"
 """
 import argparse
+import functools
 import os
 import statistics
 
@@ -17,7 +19,12 @@ import shardshap  # noqa: E402
 from shardshap.config import STREAM_PREDICTORS  # noqa: E402
 from shardshap.testing import cases  # noqa: E402
 
-CASES = {"GPT-2 tiny": cases.tiny_gpt2, "Llama tiny": cases.tiny_llama}
+CASES = {"GPT-2 tiny": cases.tiny_gpt2, "Llama tiny": cases.tiny_llama,
+         # wider than the bases at the default sketch_rank (K * 16 = 32 < 64): the projection is exercised
+         "GPT-2 d=64": functools.partial(cases.tiny_gpt2, n_embd=64, T=32, vocab=256)}
+# column -> Config fields of the streamed run
+COLUMNS = {**{p: {"stream_predictor": p} for p in STREAM_PREDICTORS},
+           "subspace sketch_rank 32": {"stream_predictor": "subspace", "sketch_rank": 32}}
 
 
 def values(make, lr, steps, **config):
@@ -40,21 +47,26 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--window", type=int, default=30, help="consecutive steps per window")
+    ap.add_argument("--cases", type=lambda v: v.split(","), default=["GPT-2 tiny", "Llama tiny"],
+                    help=f"comma-separated, of {list(CASES)}")
+    ap.add_argument("--columns", type=lambda v: v.split(","), default=list(STREAM_PREDICTORS),
+                    help=f"comma-separated, of {list(COLUMNS)}")
     args = ap.parse_args()
     torch.set_num_threads(2)
     starts = [10] if args.quick else [10, 100]
     lrs = [1e-3] if args.quick else [1e-3, 3e-4]
     steps = max(starts) + args.window
-    print("| model | AdamW lr | steps | " + " | ".join(f"{p}: min R / median R" for p in STREAM_PREDICTORS) + " |")
-    print("|---|---|---|" + "---|" * len(STREAM_PREDICTORS))
-    for name, make in CASES.items():
+    print("| model | AdamW lr | steps | " + " | ".join(f"{c}: min R / median R" for c in args.columns) + " |")
+    print("|---|---|---|" + "---|" * len(args.columns))
+    for name in args.cases:
+        make = CASES[name]
         for lr in lrs:
             exact = values(make, lr, steps)
-            streamed = {p: values(make, lr, steps, schedule="streaming", stream_predictor=p) for p in STREAM_PREDICTORS}
+            streamed = {c: values(make, lr, steps, schedule="streaming", **COLUMNS[c]) for c in args.columns}
             for s in starts:
                 cells = []
-                for p in STREAM_PREDICTORS:
-                    R = [pearson(exact[t], streamed[p][t]) for t in range(s, s + args.window)]
+                for c in args.columns:
+                    R = [pearson(exact[t], streamed[c][t]) for t in range(s, s + args.window)]
                     cells.append(f"{min(R):.4f} / {statistics.median(R):.4f}")
                 print(f"| {name} | {lr:g} | {s}-{s + args.window - 1} | " + " | ".join(cells) + " |", flush=True)
 

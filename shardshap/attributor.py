@@ -31,7 +31,7 @@ from .estimators.owen import is_cold, owen_cold_start
 from .estimators.predict import predicted_grad
 from .ghost import Capture, plan
 from .optim.base import scalar
-from .target import evaluate_targets, target_gradients
+from .target import evaluate_targets, target_gradients, target_mode
 from .types import Recording, StepResult
 
 _UNSET: Any = object()  # "not given" (None is a valid value for targets)
@@ -425,7 +425,8 @@ class Attributor(Stateful):
         return _GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype), target_loss
 
     def _target_pass(self, targets, shards, frozen):
-        with record_function("shardshap.target"), self.capture.paused():
+        with record_function("shardshap.target"), self.capture.paused(), \
+                target_mode(self.module, self.config.target_mode):
             return target_gradients(
                 self.backend, lambda: evaluate_targets(self.target_loss, self.module, targets, self.config,
                                                        self._device),

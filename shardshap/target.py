@@ -13,10 +13,18 @@ MAX_UNNAMED_TARGETS = 64  # more losses than this without Config.target_names is
 @contextmanager
 def target_mode(module: torch.nn.Module, mode: str):
     """The module in eval mode for the target loss (mode 'eval'), or as it is ('train'); every submodule's
-    own mode is restored afterwards (a model may keep parts in eval mode on purpose)."""
+    own mode is restored afterwards (a model may keep parts in eval mode on purpose).
+
+    transformers checkpoints a layer only while that layer is in training mode, so in eval mode the target
+    pass would keep every activation that activation checkpointing saves in training: a checkpointed layer
+    whose own forward draws no dropout keeps its own training flag (its submodules, dropout included, are
+    in eval mode, so the target loss stays deterministic)."""
     saved = [(m, m.training) for m in module.modules()] if mode == "eval" else []
     if mode == "eval":
         module.eval()
+        for m, training in saved:
+            if training and _checkpointed_without_own_dropout(m):
+                m.training = True
     try:
         yield
     finally:
@@ -24,11 +32,18 @@ def target_mode(module: torch.nn.Module, mode: str):
             m.training = training
 
 
+def _checkpointed_without_own_dropout(m: torch.nn.Module) -> bool:
+    """A transformers layer with gradient checkpointing on, whose forward reads no dropout rate of its own
+    (layers such as BART's call F.dropout(p=self.dropout, training=self.training) themselves)."""
+    if getattr(m, "gradient_checkpointing", False) is not True:
+        return False
+    return not any("dropout" in name and isinstance(value, float) and value > 0 for name, value in vars(m).items())
+
+
 def evaluate_targets(target_loss, module, targets, config, device: torch.device) -> torch.Tensor:
-    """target_loss(module, targets) as a [K] tensor, validated; in Config.target_mode, under bf16 autocast with
-    Config.target_dtype."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.target_dtype is not None), \
-            target_mode(module, config.target_mode):
+    """target_loss(module, targets) as a [K] tensor, validated; under bf16 autocast with Config.target_dtype.
+    (The caller holds `target_mode` around this and the backward: a checkpoint recomputes in the same modes.)"""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.target_dtype is not None):
         value = target_loss(module, targets)
     if not torch.is_tensor(value) or value.dim() > 1 or value.numel() == 0:
         raise AttributionError(

@@ -15,6 +15,11 @@ CONFIGS = {  # name -> zero_optimization section
     "z1-stream": {"stage": 1},  # Config(schedule="streaming")
     "z2-stream": {"stage": 2},
     "z3-stream": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    # DeepSpeed's bf16 mode (bf16 parameters and gradients, fp32 master weights): values against one float32
+    # process by correlation, training against the plain bf16 run
+    "z1-bf16": {"stage": 1},
+    "z2-bf16": {"stage": 2},
+    "z3-bf16": {"stage": 3, "stage3_param_persistence_threshold": 0},
 }
 # shardshap.Config fields of the configurations not attributed with the default Config
 ATTRIBUTION = {"z3-fast": {"preset": "fast"}, **{f"z{s}-stream": {"schedule": "streaming"} for s in (1, 2, 3)}}

@@ -22,8 +22,9 @@ from shardshap.backends import init_distributed, shutdown  # noqa: E402
 from shardshap.testing import cases  # noqa: E402
 
 
-def ds_config(zero: dict, world: int, torch_adam: bool = True) -> dict:
+def ds_config(zero: dict, world: int, torch_adam: bool = True, bf16: bool = False) -> dict:
     return {
+        "bf16": {"enabled": bf16},
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world // MICRO,
         "gradient_accumulation_steps": MICRO,
         "gradient_clipping": CLIP,
@@ -66,7 +67,8 @@ def fail_first_steps(engine, case, rank, world):
 def run(config: str, attributed: bool, rank: int, world: int, out: str) -> dict:
     import deepspeed
     case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
-    config_dict = ds_config(CONFIGS[config], world, torch_adam=not config.endswith("-fused"))
+    config_dict = ds_config(CONFIGS[config], world, torch_adam=not config.endswith("-fused"),
+                            bf16=config.endswith("-bf16"))
     engine, _, _, _ = deepspeed.initialize(model=case.model, model_parameters=case.model.parameters(),
                                            config=config_dict)
     attr = shardshap.Attributor(engine, None, case.train_loss, case.target_loss,

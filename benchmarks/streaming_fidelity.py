@@ -5,7 +5,8 @@ changes it), so step t of each run is the same game.
 
     python benchmarks/streaming_fidelity.py            # the tables of docs/method.md ("Streaming")
     python benchmarks/streaming_fidelity.py --quick    # one window, one learning rate
-    python benchmarks/streaming_fidelity.py --quick --cases "GPT-2 d=64" --columns "subspace,subspace sketch_rank 32,momentum"
+    python benchmarks/streaming_fidelity.py --quick --cases "GPT-2 d=64" \
+        --columns "subspace,subspace sketch_rank 32,momentum"
 """
 import argparse
 import functools

@@ -53,6 +53,20 @@ def single_process_reference(clip, lr=3e-3, **config):
     return values, clips, state
 
 
+def assert_values_follow_float32(paths, clip, min_r=0.99):
+    """Each rank's values (the npz files at `paths`) correlate with one float32 process's on every step and
+    target: runs whose forward is bf16 play a game that differs by rounding."""
+    import numpy as np
+    values, _, _ = single_process_reference(clip)
+    for path in paths:
+        got = np.load(path)
+        for step in range(STEPS):
+            ref = np.stack([values[step][int(i)] for i in got["ids"][step]])
+            for k in range(ref.shape[1]):
+                R = np.corrcoef(got["scores"][step][:, k], ref[:, k])[0, 1]
+                assert R >= min_r, f"{path} step {step} target {k}: R {R:.4f}"
+
+
 def launch(cmd, timeout=300, **env):
     """Run a launcher command with one thread per rank and the test helpers importable; returns
     (CompletedProcess, seconds)."""

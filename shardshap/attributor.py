@@ -490,6 +490,8 @@ class Attributor(Stateful):
                                    products.W if isinstance(W, dict) or sketched else None,
                                    owned, shards, clip, dtype, self.capture.precision())
         scores = torch.stack(list(per_param.values())).sum(0)
+        if sketched:
+            offset = self._outside_subspace(shards, owned, products.W, clip, sizes, K)
         if offset is not None:
             scores = scores + offset
         metadata = {"schedule": "cached"}
@@ -501,6 +503,19 @@ class Attributor(Stateful):
                             {} if sketched else products.lowrank,
                             bytes_sent=backend.bytes_sent - bytes_before + (self._stream.bytes_sent if sketched else 0),
                             cold_start=offset is not None, **metadata)
+
+    def _outside_subspace(self, shards, owned, projected, clip, sizes, K: int) -> torch.Tensor:
+        """Per-sample offset [K] that shares the part of <G, W> outside the sketches' subspace,
+        <G, W - U U^T W V V^T>, equally among the step's samples: the values then add up to the cached
+        schedule's (efficiency) and their differences are the sketches' (as Owen's offset does)."""
+        backend = self.backend
+        n = backend.all_reduce_sum(torch.tensor([sum(sizes)], dtype=torch.int64, device=self._device))
+        missing = torch.zeros(K, dtype=self.dtype, device=self._device)
+        for pid in self.capture.sketchable():
+            if pid in shards and owned[pid] is not None:
+                outside = owned[pid] - backend.owned(shards[pid], projected[pid], lead=1)
+                missing = missing + torch.linalg.vecdot(outside, shards[pid].grad.to(self.dtype)) / clip
+        return backend.reduce_partial(missing) / n.to(self.dtype)
 
     def _attribute_streamed(self, sizes, sample_ids, sample_loss, shards, clip) -> StepResult:
         """The streaming schedule's values: the products taken in the backward, times the real clip factor."""

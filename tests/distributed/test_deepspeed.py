@@ -30,7 +30,7 @@ TORCHRUN_CONFIGS = ["z1", "z2", "z3", "z3-persist", "z2-recover", "z3-recover", 
                     "z2-stream", "z3-stream", "z1-bf16", "z2-bf16", "z3-bf16"]
 
 
-def run(cmd, timeout=400):
+def run(cmd, timeout=600):
     proc, seconds = launch(cmd, timeout=timeout)
     infos = [json.loads(line[len("DSINFO "):]) for line in proc.stdout.splitlines() if line.startswith("DSINFO ")]
     return proc, seconds, infos

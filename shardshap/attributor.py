@@ -490,19 +490,17 @@ class Attributor(Stateful):
                                    products.W if isinstance(W, dict) or sketched else None,
                                    owned, shards, clip, dtype, self.capture.precision())
         scores = torch.stack(list(per_param.values())).sum(0)
-        if sketched:
+        metadata = {"schedule": "cached", "cold_start": offset is not None,
+                    "bytes_sent": backend.bytes_sent - bytes_before}
+        if sketched:  # (never an Owen-cold step: those run cached)
             offset = self._outside_subspace(shards, owned, products.W, clip, sizes, K)
+            metadata.update(schedule="streaming", sketch_energy=products.lowrank.pop("energy"),
+                            bytes_sent=metadata["bytes_sent"] + self._stream.bytes_sent)
+            if not any(is_cold(self.update_rule, sh, cfg.cold_steps) for sh in shards.values()):
+                self._warn_if_subspace_lags(metadata["sketch_energy"])  # (not on cold steps: Adam's start jumps)
         if offset is not None:
             scores = scores + offset
-        metadata = {"schedule": "cached"}
-        if sketched:
-            metadata = {"schedule": "streaming", "sketch_energy": products.lowrank["energy"]}
-            if not any(is_cold(self.update_rule, sh, cfg.cold_steps) for sh in shards.values()):
-                self._warn_if_subspace_lags(products.lowrank["energy"])  # (cold steps' W jump: Adam's start)
-        return self._result(scores, sample_ids, sample_loss, target_loss, clip,
-                            {} if sketched else products.lowrank,
-                            bytes_sent=backend.bytes_sent - bytes_before + (self._stream.bytes_sent if sketched else 0),
-                            cold_start=offset is not None, **metadata)
+        return self._result(scores, sample_ids, sample_loss, target_loss, clip, products.lowrank, **metadata)
 
     def _outside_subspace(self, shards, owned, projected, clip, sizes, K: int) -> torch.Tensor:
         """Per-sample offset [K] that shares the part of <G, W> outside the sketches' subspace,

@@ -55,7 +55,8 @@ class Config:
         "saves work, else uses exact products; layers where rank r saves nothing stay exact. The step "
         "metadata has product_energy, product_layer_rank and product_exact_layers. Embeddings, norms and "
         "biases stay exact. Training is unchanged; only the values are approximate (docs/benchmarks.md "
-        "has their fidelity against exact products).")})
+        "has their fidelity against exact products). Not used by schedule='streaming' with "
+        "stream_predictor='subspace', whose sketches are low rank already (sketch_rank).")})
     cache_dtype: Optional[str] = field(default=None, metadata={"help": (
         "None: the captured activations and output gradients are kept as they come and the products run in "
         "compute_dtype (exact). 'bfloat16': they are cast to bf16 as they are captured and the products run in "
@@ -105,10 +106,10 @@ class Config:
     schedule: str = field(default="cached", metadata={"help": (
         "When the per-sample products are taken. 'cached': every attributed module's input and output "
         "gradient is kept until the end of the step, then multiplied by the W of the real step (exact; memory "
-        "grows with the micro-batches of the step). 'streaming': W is fixed before the training forward, at a "
-        "predicted batch gradient (`stream_predictor`), and each module's products are taken in the backward "
-        "as soon as its output gradient exists, so nothing is kept across modules or micro-batches (flat "
-        "memory, activation checkpointing keeps its saving). docs/method.md has the fidelity of each.")})
+        "grows with the micro-batches of the step). 'streaming': each module's contribution is taken in the "
+        "backward as soon as its output gradient exists (per-sample sketches, or products against a predicted "
+        "W: `stream_predictor`), so nothing is kept across modules or micro-batches (flat memory, activation "
+        "checkpointing keeps its saving); values approximate. docs/method.md has the fidelity of each.")})
     stream_predictor: str = field(default="subspace", metadata={"help": (
         "Streaming only: what is fixed before the backward. 'subspace': each matrix weight's per-sample "
         "gradient is kept as a small sketch (sketch_rank x K per side, squared, per sample) in the subspace of "

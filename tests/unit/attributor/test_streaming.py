@@ -87,18 +87,16 @@ def test_streaming_training_unchanged_with_every_predictor():
 
 @pytest.mark.parametrize("make", [cases.tiny_gpt2, cases.tiny_llama], ids=["gpt2", "llama"])
 def test_streaming_fidelity_against_cached(make):
-    """On warm steps streaming stays close to the exact (cached) values: the default 'subspace' sketches at
-    lr 1e-3 (the issue's bar: R >= 0.99 on every step, median >= 0.999), and 'momentum', which freezes W at a
-    predicted gradient and is closest with small steps, at lr 3e-4 (docs/method.md, "Streaming")."""
+    """On warm steps the default 'subspace' sketches stay close to the exact (cached) values at lr 1e-3 (the
+    issue's bar: R >= 0.99 on every step, median >= 0.999; the other predictors: benchmarks/streaming_fidelity.py
+    and docs/method.md, "Schedules")."""
     case = make(batch_size=8)
     steps = 22
-    for predictor, lr, worst, median in [("subspace", 1e-3, 0.99, 0.999), ("momentum", 3e-4, 0.98, 0.99)]:
-        cached, _, _ = run(case, shardshap.Config(max_grad_norm=1.0, cold_start="none"), steps, lr=lr)
-        streamed, _, _ = run(case, shardshap.Config(schedule="streaming", stream_predictor=predictor,
-                                                    max_grad_norm=1.0), steps, lr=lr)
-        R = torch.tensor([min(pearson(a.scores[:, k], b.scores[:, k]) for k in range(a.scores.shape[1]))
-                          for a, b in zip(cached[10:], streamed[10:])])
-        assert R.min() > worst and R.median() > median, (predictor, R)
+    cached, _, _ = run(case, shardshap.Config(max_grad_norm=1.0, cold_start="none"), steps)
+    streamed, _, _ = run(case, shardshap.Config(schedule="streaming", max_grad_norm=1.0), steps)
+    R = torch.tensor([min(pearson(a.scores[:, k], b.scores[:, k]) for k in range(a.scores.shape[1]))
+                      for a, b in zip(cached[10:], streamed[10:])])
+    assert R.min() > 0.99 and R.median() > 0.999, R
 
 
 def test_subspace_sketches_equal_products_with_the_projected_W():

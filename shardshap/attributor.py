@@ -24,7 +24,7 @@ from torch.profiler import record_function
 from . import __version__, estimators
 from ._hardware import warn_if_bf16_is_emulated
 from .backends import detect
-from .checks import check_completeness, check_ids, check_loss
+from .checks import check_compiled, check_completeness, check_ids, check_loss
 from .config import Config
 from .errors import AttributionError, ConfigError, ShardshapError, StoreError
 from .estimators.owen import is_cold, owen_cold_start
@@ -141,6 +141,7 @@ class Attributor(Stateful):
         if not callable(target_loss) or (train_loss is not None and not callable(train_loss)):
             raise AttributionError("train_loss and target_loss must be callables: train_loss(model, batch) -> "
                                    "Tensor[b], target_loss(model, targets) -> Tensor[K]")
+        check_compiled(model)
         self.backend = detect(model)
         optimizer = self.backend.resolve_optimizer(optimizer)
         self.model, self.module, self.optimizer = model, self.backend.module, optimizer

@@ -223,6 +223,11 @@ class Capture:
         self.cache_dtype = cache_dtype
         self.calls: dict[str, list[_Call]] = {am.name: [] for am in plan_.modules}
         self._names = {id(p): n for n, p in plan_.params.items()}
+        uses: dict[int, bool] = {}
+        for am in plan_.modules:
+            for local, p in am.params.items():
+                uses[id(p)] = uses.get(id(p), True) and local in am.rule.sketched
+        self._sketchable = {pid: name for pid, name in self._names.items() if uses.get(pid)}
         self._batch_size: Optional[int] = None
         self._micro = 0
         self._last: Optional[tuple[int, int]] = None  # (batch size, micro-batch) of the latest recording
@@ -421,11 +426,7 @@ class Capture:
     # ------------------------------------------------------------------ sketches (stream_predictor="subspace")
     def sketchable(self) -> dict[int, str]:
         """id -> canonical name of the parameters that every module using them can sketch (matrix weights)."""
-        uses: dict[int, bool] = {}
-        for am in self.plan.modules:
-            for local, p in am.params.items():
-                uses[id(p)] = uses.get(id(p), True) and local in am.rule.sketched
-        return {pid: name for pid, name in self._names.items() if uses.get(pid)}
+        return self._sketchable
 
     def bases(self, W: Mapping[int, torch.Tensor], rank: int) -> dict[int, Basis]:
         """Bases of `rank` directions per target and side for the sketchable parameters, from W (read one
@@ -457,23 +458,25 @@ class Capture:
             else:  # sketches, against the projection of W on the basis
                 against = basis.project(Wp)
                 used[pid], kept[name] = (basis.dense, against), kept_energy(Wp, against)
-            parts = [stream.out.get(j, {}).get(name) for j in range(len(batch_sizes))]
-            out[name] = torch.cat([torch.zeros(b, K, dtype=stream.dtype, device=device) if x is None
-                                   else flat_products(x.to(stream.dtype), against) for x, b in zip(parts, batch_sizes)])
+            out[name] = self._over_micro_batches(
+                name, batch_sizes, K, device, lambda x, against=against: flat_products(x.to(stream.dtype), against))
         energies = torch.stack(list(kept.values())).tolist() if kept else []  # one host sync
         return Products(out, _DenseOnRead(used), {"energy": dict(zip(kept, energies))}), bases
 
     def streamed(self, batch_sizes: list[int]) -> dict[str, torch.Tensor]:
         """The streamed products of the step: canonical name -> [sum(batch_sizes), K] (zeros where no
         backward reached a parameter)."""
-        stream = self._stream
         device = next(iter(self.plan.params.values())).device
-        out = {}
-        for name in self.plan.params:
-            parts = [stream.out.get(j, {}).get(name) for j in range(len(batch_sizes))]
-            out[name] = torch.cat([torch.zeros(b, stream.K, dtype=stream.dtype, device=device) if x is None else x
-                                   for x, b in zip(parts, batch_sizes)])
-        return out
+        return {name: self._over_micro_batches(name, batch_sizes, self._stream.K, device, lambda x: x)
+                for name in self.plan.params}
+
+    def _over_micro_batches(self, name, batch_sizes, K, device, to_products) -> torch.Tensor:
+        """[sum(batch_sizes), K]: `to_products` of what the backward took for `name` in each micro-batch, zeros
+        where no backward reached it."""
+        stream = self._stream
+        parts = [stream.out.get(j, {}).get(name) for j in range(len(batch_sizes))]
+        return torch.cat([torch.zeros(b, K, dtype=stream.dtype, device=device) if x is None else to_products(x)
+                          for x, b in zip(parts, batch_sizes)])
 
     def products(self, W: Mapping[int, torch.Tensor], batch_sizes: list[int], dtype: torch.dtype,
                  rank: Optional[int] = None, num_targets: Optional[int] = None) -> Products:

@@ -457,7 +457,7 @@ def breakdown(wl: Workload, cfg: shardshap.Config, steps: int, start: int):
             sync(wl.device)
             t0 = time.perf_counter()
             if recording:
-                with attr.capture.recording(len(ids), 0):
+                with attr.capture.recording(torch.as_tensor(ids), 0):
                     train_loss(runner.model, x).mean().backward()
             else:
                 train_loss(runner.model, x).mean().backward()

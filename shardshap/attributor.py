@@ -40,10 +40,24 @@ SUBSPACE_WARN_ENERGY = 0.8  # stream_predictor='subspace': below this kept energ
 
 def _as_ids(x, j: int) -> torch.Tensor:
     t = torch.as_tensor(x)
-    if t.dim() != 1 or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise AttributionError(f"sample_ids of micro-batch {j} must be a 1-D integer tensor or list, got "
-                               f"dtype {t.dtype} and shape {tuple(t.shape)}")
+    if t.dim() not in (1, 2) or t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise AttributionError(f"sample_ids of micro-batch {j} must be a 1-D integer tensor or list (one id per "
+                               "sample), or an integer tensor shaped like train_loss's output ([b, positions]: "
+                               "per-position ids, -1 where a position does not count), got dtype "
+                               f"{t.dtype} and shape {tuple(t.shape)}")
     return t.to(torch.int64).cpu()
+
+
+def _players(ids: list[torch.Tensor]) -> int:
+    """The players of a step's micro-batches' ids: samples, or the distinct ids of counted positions."""
+    if ids[0].dim() == 1:
+        return sum(len(i) for i in ids)
+    return len(torch.unique(torch.cat([i[i >= 0] for i in ids])))
+
+
+def _counted(ids: torch.Tensor) -> torch.Tensor:
+    """[b, L] bool: the positions of per-position ids that count."""
+    return ids >= 0
 
 
 def _micro_batches(batch, sample_ids):
@@ -188,9 +202,9 @@ class Attributor(Stateful):
         written = False
         try:
             micro, ids = _micro_batches(batch, sample_ids)
-            n = sum(len(i) for i in ids)
-            c = 1.0 / n if self.config.reduction == "mean" else 1.0  # this rank's loss; the engines average
-            self._check_store_fits(n)
+            per_position = ids[0].dim() == 2
+            c = 1.0 / self._loss_count(ids) if self.config.reduction == "mean" else 1.0
+            self._check_store_fits(_players(ids))
             self._begin_step(targets)
             for j, (mb, mids) in enumerate(zip(micro, ids)):
                 last = j == len(micro) - 1
@@ -201,11 +215,13 @@ class Attributor(Stateful):
                         backend.no_sync(last):
                     with self.capture.probing() if probe else nullcontext() as outputs:
                         per_sample = self.train_loss(self.model, mb)
-                    check_loss(per_sample, len(mids), j)
+                    check_loss(per_sample, mids, j)
+                    if per_position:  # (-1 positions may hold anything, even NaN: left out, not multiplied)
+                        per_sample = torch.where(_counted(mids).to(per_sample.device), per_sample, 0)
                     if probe:
-                        self.capture.check_batch_first(per_sample[0], outputs)
+                        self.capture.check_batch_first(per_sample[0].sum(), outputs)
                         self._probed = True
-                    if len(micro) == 1 and self.config.reduction == "mean":
+                    if len(micro) == 1 and self.config.reduction == "mean" and not per_position:
                         backend.backward(per_sample.mean())  # bit-identical to the plain step
                     else:
                         backend.backward(per_sample.sum() * c)
@@ -225,6 +241,16 @@ class Attributor(Stateful):
             raise
         self.step_index += 1
         return result
+
+    def _loss_count(self, ids: list[torch.Tensor]) -> float:
+        """What a 'mean' training loss divides by: this rank's samples (the engines average over ranks), or
+        for per-position ids the counted positions of the whole step over all ranks, times the ranks."""
+        if ids[0].dim() == 1:
+            return float(sum(len(i) for i in ids))
+        local = torch.tensor([sum(int(_counted(i).sum()) for i in ids)], dtype=torch.int64)
+        if local.item() == 0:
+            raise AttributionError("per-position sample_ids are -1 everywhere in the step: no position counts")
+        return float(self.backend.all_reduce_sum(local).item()) / self.backend.dp_size
 
     # ------------------------------------------------------------------ low-level API (user-owned loops)
     @contextmanager
@@ -255,10 +281,10 @@ class Attributor(Stateful):
                 raise AttributionError("the step has no samples (empty sample_ids): pass at least one sample "
                                        "per micro-batch")
             if self.store_path is not None:
-                check_ids(torch.cat([r.sample_ids for r in self._recorded] + [rec.sample_ids]),
-                          self.config.num_samples)
+                check_ids(torch.cat([r.sample_ids.reshape(-1) for r in self._recorded + [rec]]),
+                          self.config.num_samples, per_position=rec.sample_ids.dim() == 2)
             self._recorded.append(rec)
-            with self.capture.recording(len(rec.sample_ids), len(self._recorded) - 1):
+            with self.capture.recording(rec.sample_ids, len(self._recorded) - 1):
                 yield rec
         except BaseException:
             self._discard()
@@ -285,7 +311,7 @@ class Attributor(Stateful):
             if self._stream is not None and targets is not self._targets:
                 raise AttributionError("schedule='streaming' took this step's target pass with the targets given "
                                        "to record(); call attribute() without targets (or with the same object)")
-            self._check_store_fits(sum(len(r.sample_ids) for r in self._recorded))
+            self._check_store_fits(self.capture.players.n)
             result = self._attribute_recorded(targets, grad_norm)
             result.metadata["seconds"] = time.perf_counter() - t0
             self._write(result)
@@ -357,16 +383,31 @@ class Attributor(Stateful):
     # ------------------------------------------------------------------ internals
     def _attribute_recorded(self, targets, grad_norm) -> StepResult:
         try:
-            sizes = [len(r.sample_ids) for r in self._recorded]
-            losses = [r.sample_loss for r in self._recorded]
-            device = next((x.device for x in losses if x is not None), torch.device("cpu"))
-            sample_loss = torch.cat([x.detach().reshape(-1) if x is not None else
-                                     torch.full((len(r.sample_ids),), math.nan, device=device)
-                                     for x, r in zip(losses, self._recorded)])
-            ids = torch.cat([r.sample_ids for r in self._recorded])
-            return self._attribute(targets, sizes, ids, sample_loss, grad_norm)
+            return self._attribute(targets, self.capture.players.ids, self._player_losses(), grad_norm)
         finally:
             self._discard()
+
+    def _player_losses(self) -> torch.Tensor:
+        """[players]: each sample's training loss, or each document's mean over its counted positions (NaN
+        where the micro-batch's losses were not recorded)."""
+        players = self.capture.players
+        losses = [r.sample_loss for r in self._recorded]
+        device = next((x.device for x in losses if x is not None), torch.device("cpu"))
+        parts = []
+        for x, mp in zip(losses, players.micro):
+            if x is None:
+                parts.append(torch.full((mp.m,), math.nan, device=device))
+            elif mp.per_position:
+                counted = (mp.local >= 0).to(x.device)
+                parts.append(torch.zeros(mp.m + 1, dtype=x.dtype, device=x.device).index_add_(
+                    0, torch.where(counted, mp.local.to(x.device), mp.m).reshape(-1),
+                    torch.where(counted, x.detach(), 0).reshape(-1))[:mp.m])
+            else:
+                parts.append(x.detach().reshape(-1))
+        total = players.merge(parts, (), torch.float64, device)
+        if players.per_position:
+            total = total / players.counted_positions().to(device)
+        return total.to(next((x.dtype for x in losses if x is not None), torch.float32))
 
     def _discard(self) -> None:
         self._recorded = []
@@ -446,7 +487,7 @@ class Attributor(Stateful):
             self._previous_grad = {pid: sh.grad.to(self.dtype, copy=True) for pid, sh in shards.items()}
         return clip
 
-    def _attribute(self, targets, sizes, sample_ids, sample_loss, grad_norm=None) -> StepResult:
+    def _attribute(self, targets, sample_ids, sample_loss, grad_norm=None) -> StepResult:
         cfg, opt, dtype, backend = self.config, self.optimizer, self.dtype, self.backend
         bytes_before = backend.bytes_sent
         with record_function("shardshap.shards"):
@@ -454,7 +495,7 @@ class Attributor(Stateful):
         clip = self._clip(shards, grad_norm)
         sketched = self._stream is not None and self._stream.sketched
         if self._stream is not None and not sketched:
-            return self._attribute_streamed(sizes, sample_ids, sample_loss, shards, clip)
+            return self._attribute_streamed(sample_ids, sample_loss, shards, clip)
         with record_function("shardshap.freeze"):
             frozen = {pid: self.estimator.freeze(self.update_rule, sh, clip, dtype, order=cfg.order,
                                                  compiled=cfg.compile_math)
@@ -469,7 +510,7 @@ class Attributor(Stateful):
             if cold:
                 with record_function("shardshap.cold_start"):
                     offset = owen_cold_start(backend, self.capture, self.update_rule, shards, frozen, cold,
-                                             sizes, clip, dtype)
+                                             clip, dtype)
         owned = {}  # W on this rank's elements: [K, owned numel] (None: not moved, or no target uses it)
         for p, hp in zip(attributed, h):
             moved = id(p) in shards and hp is not None
@@ -479,9 +520,9 @@ class Attributor(Stateful):
             W = {pid: W[pid] for pid in owned}  # low rank factorises every layer up front: materialise
         with record_function("shardshap.products"):
             if sketched:  # (and the next step's bases, from this step's W)
-                products, self._bases = self.capture.sketched(W, sizes, K, cfg.sketch_rank)
+                products, self._bases = self.capture.sketched(W, K, cfg.sketch_rank)
             else:
-                products = self.capture.products(W, sizes, dtype, rank=cfg.product_rank, num_targets=K)
+                products = self.capture.products(W, dtype, rank=cfg.product_rank, num_targets=K)
         per_param = products.per_param
         if backend.distributed:  # the engines average gradients: each sample's share of the global gradient
             per_param = {name: v / backend.dp_size for name, v in per_param.items()}
@@ -494,7 +535,7 @@ class Attributor(Stateful):
         metadata = {"schedule": "cached", "cold_start": offset is not None,
                     "bytes_sent": backend.bytes_sent - bytes_before}
         if sketched:  # (never an Owen-cold step: those run cached)
-            offset = self._outside_subspace(shards, owned, products.W, clip, sizes, K)
+            offset = self._outside_subspace(shards, owned, products.W, clip, K)
             metadata.update(schedule="streaming", sketch_energy=products.lowrank.pop("energy"),
                             bytes_sent=metadata["bytes_sent"] + self._stream.bytes_sent)
             if not any(is_cold(self.update_rule, sh, cfg.cold_steps) for sh in shards.values()):
@@ -503,12 +544,12 @@ class Attributor(Stateful):
             scores = scores + offset
         return self._result(scores, sample_ids, sample_loss, target_loss, clip, products.lowrank, **metadata)
 
-    def _outside_subspace(self, shards, owned, projected, clip, sizes, K: int) -> torch.Tensor:
+    def _outside_subspace(self, shards, owned, projected, clip, K: int) -> torch.Tensor:
         """Per-sample offset [K] that shares the part of <G, W> outside the sketches' subspace,
         <G, W - U U^T W V V^T>, equally among the step's samples: the values then add up to the cached
         schedule's (efficiency) and their differences are the sketches' (as Owen's offset does)."""
         backend = self.backend
-        n = backend.all_reduce_sum(torch.tensor([sum(sizes)], dtype=torch.int64, device=self._device))
+        n = backend.all_reduce_sum(torch.tensor([self.capture.players.n], dtype=torch.int64, device=self._device))
         missing = torch.zeros(K, dtype=self.dtype, device=self._device)
         for pid in self.capture.sketchable():
             if pid in shards and owned[pid] is not None:
@@ -516,11 +557,11 @@ class Attributor(Stateful):
                 missing = missing + torch.linalg.vecdot(outside, shards[pid].grad.to(self.dtype)) / clip
         return backend.reduce_partial(missing) / n.to(self.dtype)
 
-    def _attribute_streamed(self, sizes, sample_ids, sample_loss, shards, clip) -> StepResult:
+    def _attribute_streamed(self, sample_ids, sample_loss, shards, clip) -> StepResult:
         """The streaming schedule's values: the products taken in the backward, times the real clip factor."""
         backend, stream = self.backend, self._stream
         bytes_before = backend.bytes_sent
-        per_param = self.capture.streamed(sizes)  # <c g_i, W> with W frozen at clip factor 1
+        per_param = self.capture.streamed()  # <c g_i, W> with W frozen at clip factor 1
         if backend.distributed:  # the engines average gradients: each sample's share of the global gradient
             per_param = {name: v / backend.dp_size for name, v in per_param.items()}
         if self.config.check_completeness:

@@ -26,33 +26,47 @@ def check_compiled(model: torch.nn.Module) -> None:
             "the eager model), or attribute the uncompiled model.")
 
 
-def check_loss(per_sample, b: int, j: int) -> None:
-    """train_loss returned one finite, differentiable loss per sample of micro-batch j (b samples)."""
+def check_loss(per_sample, ids: torch.Tensor, j: int) -> None:
+    """train_loss returned one finite, differentiable loss per sample of micro-batch j, or one per position
+    when its ids are per position (finite where they count)."""
     if not torch.is_tensor(per_sample):
         raise AttributionError(f"train_loss must return a Tensor of per-sample losses, got "
                                f"{type(per_sample).__name__}")
-    if per_sample.shape != (b,):
+    per_position = ids.dim() == 2
+    if per_position and per_sample.shape != ids.shape:
+        raise AttributionError(
+            f"train_loss returned shape {tuple(per_sample.shape)} for micro-batch {j}, but its per-position "
+            f"sample_ids have shape {tuple(ids.shape)}: with per-position ids train_loss returns one loss per "
+            "position (e.g. token losses with reduction='none', [b, T-1]) and the ids have the same shape")
+    if not per_position and per_sample.shape != (ids.shape[0],):
         raise AttributionError(
             f"train_loss returned shape {tuple(per_sample.shape)} for micro-batch {j}, but its sample_ids "
-            f"has {b} ids: it must return one loss per sample, shape [{b}] (e.g. a loss with "
-            "reduction='none', averaged over each sample's tokens), and sample_ids must match the batch")
+            f"has {ids.shape[0]} ids: it must return one loss per sample, shape [{ids.shape[0]}] (e.g. a loss "
+            "with reduction='none', averaged over each sample's tokens), and sample_ids must match the batch")
     if not per_sample.requires_grad:
         raise AttributionError(f"train_loss returned a tensor without a graph for micro-batch {j} (computed "
                                "under torch.no_grad(), or detached): compute it from the model's forward with "
                                "gradients enabled")
-    if not torch.isfinite(per_sample.detach()).all():
-        bad = (~torch.isfinite(per_sample.detach())).nonzero().flatten().tolist()
-        raise AttributionError(f"train_loss is not finite for samples at positions {bad[:10]} of micro-batch "
-                               f"{j}; the optimizer step was not taken")
+    bad = ~torch.isfinite(per_sample.detach())
+    if per_position:
+        bad = bad & (ids >= 0).to(bad.device)
+    if bad.any():
+        where = bad.nonzero().tolist() if per_position else bad.nonzero().flatten().tolist()
+        which = "counted (row, position)s" if per_position else "samples at positions"
+        raise AttributionError(f"train_loss is not finite for {which} "
+                               f"{where[:10]} of micro-batch {j}; the optimizer step was not taken")
 
 
-def check_ids(ids: torch.Tensor, num_samples: int) -> None:
-    """The store's id rules, checked before training so that a bad step changes nothing."""
+def check_ids(ids: torch.Tensor, num_samples: int, per_position: bool = False) -> None:
+    """The store's id rules, checked before training so that a bad step changes nothing (per-position ids:
+    -1 marks positions that do not count; an id repeats over its document's positions)."""
+    if per_position:
+        ids = ids[ids != -1]
     bad = ids[(ids < 0) | (ids >= num_samples)]
     if len(bad):
         raise AttributionError(f"sample ids {bad[:5].tolist()} are outside [0, num_samples={num_samples}): ids "
                                "must index the training set (set Config(num_samples=...) to its size)")
-    if len(torch.unique(ids)) != len(ids):
+    if not per_position and len(torch.unique(ids)) != len(ids):
         raise AttributionError("sample_ids has duplicates within one optimizer step; each sample of a step "
                                "needs its own id (the store keeps one slot per sample and step)")
 

@@ -82,7 +82,8 @@ class Config:
         "them a non-default value that differs from the preset's is an error (drop the preset or that field).")})
     reduction: str = field(default="mean", metadata={"help": (
         "How the training loss combines per-sample losses: 'mean' (L = sum_i l_i / |B|, the usual) or "
-        "'sum'. |B| counts every sample of every micro-batch of the optimizer step.")})
+        "'sum'. |B| counts every sample of every micro-batch of the optimizer step (with per-position "
+        "sample_ids: every counted position, over all ranks).")})
     max_grad_norm: Optional[float] = field(default=None, metadata={"help": (
         "Clip the gradient to this global L2 norm before the optimizer step, exactly like "
         "torch.nn.utils.clip_grad_norm_. The clip factor is frozen at the full batch's value in the game. "
@@ -103,6 +104,10 @@ class Config:
         "ranks).")})
     num_samples: Optional[int] = field(default=None, metadata={"help": (
         "Size of the training set (sample ids are in [0, num_samples)). Required when writing a store.")})
+    store_slots: Optional[int] = field(default=None, metadata={"help": (
+        "Values the store keeps per rank and step (one per player). None: the widest rank's count at the first "
+        "step, right for fixed batches. With per-position sample_ids the documents per step vary: set it to the "
+        "most documents a rank sees in one step (a step with more is refused before it trains).")})
     schedule: str = field(default="cached", metadata={"help": (
         "When the per-sample products are taken. 'cached': every attributed module's input and output "
         "gradient is kept until the end of the step, then multiplied by the W of the real step (exact; memory "
@@ -180,6 +185,8 @@ class Config:
             self.target_names = list(self.target_names)
         if self.num_samples is not None and not (isinstance(self.num_samples, int) and self.num_samples > 0):
             raise ConfigError(f"Config.num_samples={self.num_samples!r} must be a positive integer or None")
+        if self.store_slots is not None and not (isinstance(self.store_slots, int) and self.store_slots > 0):
+            raise ConfigError(f"Config.store_slots={self.store_slots!r} must be a positive integer or None")
         if self.compile_math is None:
             self.compile_math = False
         if not isinstance(self.compile_math, bool):

@@ -48,12 +48,12 @@ def is_cold(update_rule, shard, cold_steps: int) -> bool:
     return t is not None and t <= cold_steps
 
 
-def owen_cold_start(backend, capture, update_rule, shards, frozen, cold, sizes, clip, dtype):
+def owen_cold_start(backend, capture, update_rule, shards, frozen, cold, clip, dtype):
     """Replace the secant multiplier of the cold parameters `cold` ([(param, h)]) by Owen's, in `frozen`;
     returns the per-sample offset [K] that keeps the values' sum equal to the secant's (efficiency).
     Every rank runs this in the same parameter order (collectives inside)."""
-    n = int(backend.all_reduce_sum(torch.tensor([sum(sizes)], dtype=torch.int64)).item())
-    sum_sq = capture.sum_of_squares({id(p) for p, _ in cold}, sizes, dtype)
+    n = int(backend.all_reduce_sum(torch.tensor([capture.players.n], dtype=torch.int64)).item())
+    sum_sq = capture.sum_of_squares({id(p) for p, _ in cold}, dtype)
     offset = 0.0
     for p, hp in cold:
         sh = shards[id(p)]

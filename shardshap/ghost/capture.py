@@ -13,6 +13,7 @@ from torch.profiler import record_function
 
 from ..errors import BatchShapeError, UnsupportedModule
 from .lowrank import MIN_ENERGY, Factors, factorize, worth_it
+from .players import MicroPlayers, Players
 from .registry import ProductRule, grads_products, product_rule_for
 from .sketch import Basis, find_basis, flat_products, kept_energy
 
@@ -147,12 +148,33 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _call_products(am: AttributedModule, a, e, grads, Wm, work: torch.dtype) -> dict[str, torch.Tensor]:
-    """One module call's {param: [b, K]} products, from (a, e) or from its per-sample gradients."""
+def _per_player(mp: MicroPlayers, fn, a, e, per_token: int) -> dict[str, torch.Tensor]:
+    """fn(a, e) per sample, or summed over each player's tokens for per-position ids: {name: [m, ...]}."""
+    return mp.over_tokens(fn, a, e, per_token) if mp.per_position else fn(a, e)
+
+
+def _features(x: torch.Tensor) -> int:
+    return int(x[0, 0].numel()) if x.dim() >= 2 else 1
+
+
+def _call_products(am: AttributedModule, a, e, grads, Wm, work: torch.dtype,
+                   mp: MicroPlayers) -> dict[str, torch.Tensor]:
+    """One module call's {param: [m, K]} products for its micro-batch's m players, from (a, e) or from
+    its per-player gradients."""
     if grads is not None:
         return grads_products(grads, Wm)
     a = a if not a.is_floating_point() else a.to(work)
-    return am.rule.products(am.module, a, e.to(work), Wm)
+    if not mp.per_position:
+        return am.rule.products(am.module, a, e.to(work), Wm)
+    K = max(len(getattr(w, "energy", w)) for w in Wm.values()) if Wm else 1  # (Factors: energy is [K])
+    return mp.over_tokens(lambda a_, e_: am.rule.products(am.module, a_, e_, Wm), a, e.to(work),
+                          (K + 1) * (_features(a) + _features(e)))
+
+
+def _call_grads(am: AttributedModule, a, e, names: list[str], mp: MicroPlayers) -> dict[str, torch.Tensor]:
+    """{param: [m, *shape]}: per-player gradients of one module call."""
+    numel = sum(am.params[n].numel() for n in names)
+    return _per_player(mp, lambda a_, e_: am.rule.per_sample_grads(am.module, a_, e_, names), a, e, numel)
 
 
 class _Stream:
@@ -166,8 +188,9 @@ class _Stream:
         self.out: dict[int, dict[str, torch.Tensor]] = {}
 
 
-def _call_sketches(am: AttributedModule, a, e, grads, bases: dict[int, Basis], work) -> dict[str, torch.Tensor]:
-    """One module call's sketches [b, p, q] of its sketched weights and per-sample gradients of the rest."""
+def _call_sketches(am: AttributedModule, a, e, grads, bases: dict[int, Basis], work,
+                   mp: MicroPlayers) -> dict[str, torch.Tensor]:
+    """One module call's sketches [m, p, q] of its sketched weights and per-player gradients of the rest."""
     if grads is not None:
         return grads
     a = a if not a.is_floating_point() else a.to(work)
@@ -178,9 +201,11 @@ def _call_sketches(am: AttributedModule, a, e, grads, bases: dict[int, Basis], w
         if basis is None:
             rest.append(local)
         else:
-            out[local] = am.rule.sketch(am.module, a, e, basis.U.to(work), basis.V.to(work))
+            U, V = basis.U.to(work), basis.V.to(work)
+            out.update(_per_player(mp, lambda a_, e_, U=U, V=V, local=local: {
+                local: am.rule.sketch(am.module, a_, e_, U, V)}, a, e, U.shape[1] * V.shape[1]))
     if rest:
-        out.update(am.rule.per_sample_grads(am.module, a, e, rest))
+        out.update(_call_grads(am, a, e, rest, mp))
     return out
 
 
@@ -228,6 +253,7 @@ class Capture:
             for local, p in am.params.items():
                 uses[id(p)] = uses.get(id(p), True) and local in am.rule.sketched
         self._sketchable = {pid: name for pid, name in self._names.items() if uses.get(pid)}
+        self.players = Players()  # this step's players: the rows of its values
         self._batch_size: Optional[int] = None
         self._micro = 0
         self._last: Optional[tuple[int, int]] = None  # (batch size, micro-batch) of the latest recording
@@ -284,10 +310,10 @@ class Capture:
         self._seen[am.name] = _lowest(e.dtype, self._seen.get(am.name, e.dtype))  # (autocast, mixed precision)
         low = self._low_dtype(am)
         grads = None
-        if am.rule.reduce_in_backward:  # take the per-sample gradients now and keep them instead of (a, e)
+        mp = self.players.micro[micro]
+        if am.rule.reduce_in_backward:  # take the per-player gradients now and keep them instead of (a, e)
             dtype = self.compute_dtype or torch.promote_types(e.dtype, torch.float32)
-            grads = am.rule.per_sample_grads(am.module, a.to(dtype) if a.is_floating_point() else a, e.to(dtype),
-                                             list(am.params))
+            grads = _call_grads(am, a.to(dtype) if a.is_floating_point() else a, e.to(dtype), list(am.params), mp)
             a = e = None
         stream = self._stream
         if stream is None:
@@ -296,8 +322,8 @@ class Capture:
             return
         work = stream.dtype if low is None else low
         with record_function(f"shardshap.products.{type(am.rule).__name__}"):
-            res = (_call_products(am, a, e, grads, stream.Wm[am.name], work) if stream.bases is None
-                   else _call_sketches(am, a, e, grads, stream.bases, work))
+            res = (_call_products(am, a, e, grads, stream.Wm[am.name], work, mp) if stream.bases is None
+                   else _call_sketches(am, a, e, grads, stream.bases, work, mp))
         out = stream.out.setdefault(micro, {})
         for local, val in res.items():
             name = self._names[id(am.params[local])]
@@ -309,7 +335,14 @@ class Capture:
         return self.cache_dtype if am.rule.low_precision_pays else None
 
     @contextmanager
-    def recording(self, batch_size: int, micro: int):
+    def recording(self, sample_ids: torch.Tensor, micro: int):
+        """Capture micro-batch `micro` of the step (0, 1, ... in order): its training forward, and the backward
+        that follows even after the block. `sample_ids`: one per sample, or per position (ghost/players.py)."""
+        if micro == len(self.players.micro):
+            self.players.add(sample_ids)
+            if self.players.per_position:
+                self._check_tokenwise()
+        batch_size = sample_ids.shape[0]
         self._batch_size, self._micro = batch_size, micro
         self._last = (batch_size, micro)
         try:
@@ -373,7 +406,16 @@ class Capture:
                         out[name] = _lowest(out[name], dt)
         return out
 
+    def _check_tokenwise(self) -> None:
+        bad = [f"{am.name} ({type(am.module).__name__})" for am in self.plan.modules if not am.rule.tokenwise]
+        if bad:
+            raise UnsupportedModule(
+                "per-position sample_ids split each sample's gradient by token, which these modules' product rules "
+                f"cannot (their per-sample gradient is not a sum over tokens): {', '.join(bad)}. Exclude them "
+                "with Config(exclude=[...]) or pass one id per sample.")
+
     def clear(self) -> None:
+        self.players = Players()
         self._seen.clear()
         for calls in self.calls.values():
             calls.clear()
@@ -438,9 +480,8 @@ class Capture:
         backward, for `sketched` to multiply by the step's W afterwards."""
         self._stream = _Stream(None, 0, dtype, bases)
 
-    def sketched(self, W: Mapping[int, torch.Tensor], batch_sizes: list[int], K: int,
-                 rank: int) -> tuple[Products, dict[int, Basis]]:
-        """Per attributed parameter: [sum(batch_sizes), K] products of this step's sketches with `W` (read one
+    def sketched(self, W: Mapping[int, torch.Tensor], K: int, rank: int) -> tuple[Products, dict[int, Basis]]:
+        """Per attributed parameter: [players, K] products of this step's sketches with `W` (read one
         parameter at a time, in plan order). `Products.W` holds the projected W they equal products with
         (multiplied out on read), `Products.lowrank["energy"]` what the projection kept of each W. Also
         returns the next step's bases (`bases`), found from the same reads of W."""
@@ -459,28 +500,28 @@ class Capture:
                 against = basis.project(Wp)
                 used[pid], kept[name] = (basis.dense, against), kept_energy(Wp, against)
             out[name] = self._over_micro_batches(
-                name, batch_sizes, K, device, lambda x, against=against: flat_products(x.to(stream.dtype), against))
+                name, K, device, lambda x, against=against: flat_products(x.to(stream.dtype), against))
         energies = torch.stack(list(kept.values())).tolist() if kept else []  # one host sync
         return Products(out, _DenseOnRead(used), {"energy": dict(zip(kept, energies))}), bases
 
-    def streamed(self, batch_sizes: list[int]) -> dict[str, torch.Tensor]:
-        """The streamed products of the step: canonical name -> [sum(batch_sizes), K] (zeros where no
-        backward reached a parameter)."""
+    def streamed(self) -> dict[str, torch.Tensor]:
+        """The streamed products of the step: canonical name -> [players, K] (zeros where no backward
+        reached a parameter)."""
         device = next(iter(self.plan.params.values())).device
-        return {name: self._over_micro_batches(name, batch_sizes, self._stream.K, device, lambda x: x)
+        return {name: self._over_micro_batches(name, self._stream.K, device, lambda x: x)
                 for name in self.plan.params}
 
-    def _over_micro_batches(self, name, batch_sizes, K, device, to_products) -> torch.Tensor:
-        """[sum(batch_sizes), K]: `to_products` of what the backward took for `name` in each micro-batch, zeros
-        where no backward reached it."""
+    def _over_micro_batches(self, name, K, device, to_products) -> torch.Tensor:
+        """[players, K]: `to_products` of what the backward took for `name` in each micro-batch, added into the
+        players' rows (zeros where no backward reached it)."""
         stream = self._stream
-        parts = [stream.out.get(j, {}).get(name) for j in range(len(batch_sizes))]
-        return torch.cat([torch.zeros(b, K, dtype=stream.dtype, device=device) if x is None else to_products(x)
-                          for x, b in zip(parts, batch_sizes)])
+        parts = [stream.out.get(j, {}).get(name) for j in range(len(self.players.micro))]
+        return self.players.merge([None if x is None else to_products(x) for x in parts], (K,), stream.dtype,
+                                  device)
 
-    def products(self, W: Mapping[int, torch.Tensor], batch_sizes: list[int], dtype: torch.dtype,
-                 rank: Optional[int] = None, num_targets: Optional[int] = None) -> Products:
-        """Per attributed parameter (canonical name): Tensor[sum(batch_sizes), K] of <c g_i, W_k>.
+    def products(self, W: Mapping[int, torch.Tensor], dtype: torch.dtype, rank: Optional[int] = None,
+                 num_targets: Optional[int] = None) -> Products:
+        """Per attributed parameter (canonical name): Tensor[players, K] of <c g_i, W_k>.
 
         `W` maps id(param) to [K, *param.shape]; `c g_i` is sample i's contribution to the batch
         gradient (the captured output gradients carry the loss reduction's factor).
@@ -490,13 +531,11 @@ class Capture:
         and the layers that fell back to exact. `num_targets` (K): give it when reading W is costly (a
         mapping that gathers on each read, FSDP2 / ZeRO-3); else it is read from W.
         """
-        offsets = [0]
-        for b in batch_sizes:
-            offsets.append(offsets[-1] + b)
         names = self._names
         K = num_targets if num_targets is not None else next(iter(W.values())).shape[0]
         device = next(iter(self.plan.params.values())).device
-        out = {n: torch.zeros(offsets[-1], K, dtype=dtype, device=device) for n in self.plan.params}
+        out = {n: torch.zeros(self.players.n, K, dtype=dtype, device=device) for n in self.plan.params}
+        rows = [mp.rows.to(device) for mp in self.players.micro]
         info, factors = {}, {}
         if rank is not None:
             W = dict(W)  # the entries the low-rank products replace; the caller's mapping is left alone
@@ -512,10 +551,9 @@ class Capture:
                     Wm["weight"] = f if low is None else f.to(low)
             for call in self.calls[am.name]:
                 with record_function(f"shardshap.products.{type(am.rule).__name__}"):
-                    res = _call_products(am, call.a, call.e, call.grads, Wm, work)
-                lo, hi = offsets[call.micro], offsets[call.micro + 1]
+                    res = _call_products(am, call.a, call.e, call.grads, Wm, work, self.players.micro[call.micro])
                 for local, val in res.items():
-                    out[names[id(am.params[local])]][lo:hi] += val
+                    out[names[id(am.params[local])]].index_add_(0, rows[call.micro], val.to(dtype))
         return Products(out, W, info)
 
     def _factorize(self, W, rank, names) -> tuple[dict[int, tuple[ProductRule, Factors]], dict]:
@@ -547,11 +585,10 @@ class Capture:
             r *= 2
         return used, info
 
-    def sum_of_squares(self, wanted: set[int], batch_sizes: list[int], dtype: torch.dtype,
-                       budget: int = 1 << 24) -> dict[int, torch.Tensor]:
-        """{id(param): sum_i y_i^2} per coordinate, y_i = sample i's contribution to the batch gradient
-        (summed over every use of the parameter). Materialises per-sample gradients, chunk by chunk of
-        samples so that a chunk holds at most `budget` numbers per parameter."""
+    def sum_of_squares(self, wanted: set[int], dtype: torch.dtype, budget: int = 1 << 24) -> dict[int, torch.Tensor]:
+        """{id(param): sum_i y_i^2} per coordinate, y_i = player i's contribution to the batch gradient
+        (summed over every use of the parameter and every micro-batch). Materialises per-player gradients,
+        chunk by chunk of players so that a chunk holds at most `budget` numbers per parameter."""
         uses = [(am, [local for local, p in am.params.items() if id(p) in wanted]) for am in self.plan.modules]
         uses = [(am, names) for am, names in uses if names]
         # ZeRO-3 parameters are empty outside forward (p.numel() == 0); ds_numel is their real size
@@ -559,24 +596,43 @@ class Capture:
                  for p in (am.params[n] for n in names)}
         out = {pid: None for pid in sizes}
         chunk = max(1, budget // max(sizes.values(), default=1))
-        for micro, b in enumerate(batch_sizes):
-            for lo in range(0, b, chunk):
-                hi = min(b, lo + chunk)
-                acc: dict[int, torch.Tensor] = {}
+        for lo in range(0, self.players.n, chunk):
+            hi = min(self.players.n, lo + chunk)
+            acc: dict[int, torch.Tensor] = {}
+            for micro, mp in enumerate(self.players.micro):
+                chosen = [j for j, r in enumerate(mp.rows.tolist()) if lo <= r < hi]
+                if not chosen:
+                    continue
+                into = mp.rows[chosen] - lo
                 for am, names in uses:
                     for call in self.calls[am.name]:
                         if call.micro != micro:
                             continue
-                        if call.grads is not None:
-                            grads = {local: call.grads[local][lo:hi].to(dtype) for local in names}
-                        else:
-                            a = call.a[lo:hi]
-                            a = a.to(dtype) if a.is_floating_point() else a
-                            grads = am.rule.per_sample_grads(am.module, a, call.e[lo:hi].to(dtype), names)
-                        for local, g in grads.items():
+                        for local, g in self._player_grads(am, call, names, mp, chosen, dtype).items():
                             pid = id(am.params[local])
-                            acc[pid] = g if pid not in acc else acc[pid] + g
-                for pid, g in acc.items():
-                    sq = (g * g).sum(0)
-                    out[pid] = sq if out[pid] is None else out[pid] + sq
+                            if pid not in acc:
+                                acc[pid] = g.new_zeros(hi - lo, *g.shape[1:])
+                            acc[pid].index_add_(0, into.to(g.device), g)
+            for pid, g in acc.items():
+                sq = (g * g).sum(0)
+                out[pid] = sq if out[pid] is None else out[pid] + sq
         return {pid: v for pid, v in out.items() if v is not None}
+
+    @staticmethod
+    def _player_grads(am: AttributedModule, call: _Call, names: list[str], mp: MicroPlayers, chosen: list[int],
+                      dtype) -> dict[str, torch.Tensor]:
+        """{param: [len(chosen), *shape]}: the gradients of one call for some of its micro-batch's players."""
+        pick = chosen if mp.per_position else slice(chosen[0], chosen[-1] + 1)  # (samples: a contiguous range)
+        if call.grads is not None:
+            return {local: call.grads[local][pick].to(dtype) for local in names}
+        a, e = call.a, call.e
+        if mp.per_position:  # the chosen players' tokens side by side, zero output gradient in the padding
+            b, T = a.shape[:2]
+            index, valid = mp.padded(T, chosen)
+            index, valid = index.to(a.device), valid.to(e.device)
+            a = a.reshape(b * T, *a.shape[2:])[index]
+            e = e.reshape(b * T, *e.shape[2:])[index] * valid.view(*valid.shape, *(1,) * (e.dim() - 2))
+        else:
+            a, e = a[pick], e[pick]
+        a = a.to(dtype) if a.is_floating_point() else a
+        return am.rule.per_sample_grads(am.module, a, e.to(dtype), names)

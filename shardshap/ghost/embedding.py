@@ -11,6 +11,7 @@ from .sketch import outer_sum
 
 @register(nn.Embedding)
 class EmbeddingRule(ProductRule):
+    tokenwise = True
     param_names = ("weight",)
     sketched = ("weight",)
 

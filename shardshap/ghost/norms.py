@@ -24,6 +24,7 @@ def _affine_grads(xhat, e, names, shape):
 
 @register(nn.LayerNorm)
 class LayerNormRule(ProductRule):
+    tokenwise = True
     reduce_in_backward = True
 
     def per_sample_grads(self, module, a, e, names):
@@ -38,6 +39,7 @@ def rms_normalize(a: torch.Tensor, ndim: int, eps: float) -> torch.Tensor:
 
 @register(nn.RMSNorm)
 class RMSNormRule(ProductRule):
+    tokenwise = True
     param_names = ("weight",)
     reduce_in_backward = True
 
@@ -60,6 +62,7 @@ def _is_hf_rmsnorm(module) -> bool:
 
 @register(match=_is_hf_rmsnorm)
 class HFRMSNormRule(ProductRule):
+    tokenwise = True
     param_names = ("weight",)
     reduce_in_backward = True
 

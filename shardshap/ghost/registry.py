@@ -21,6 +21,9 @@ class ProductRule:
     # per-sample gradients no larger than one token's activations (norm layers: [b, d]): taken in the
     # backward hook while the output gradient is hot, and kept instead of the input and output gradient
     reduce_in_backward: bool = False
+    # per-sample gradient = a sum over tokens of terms of one token's (input, output gradient) each: the
+    # rule then serves per-position sample_ids (ghost/players.py), every token taken as a sample of its own
+    tokenwise: bool = False
 
     # weight_matrix(W [K, *weight.shape]) -> [K, d_out, d_in] view, its own inverse: defined by rules whose
     # weight is a matrix map (Linear, HF Conv1D) so that low rank (Config.product_rank) can factorise W

@@ -80,9 +80,9 @@ class Net(nn.Module):
 def products(model, W, rank, b=5, T=4):
     cap = Capture(plan(model, []))
     x = torch.randn(b, T, 64, dtype=DT, generator=torch.Generator().manual_seed(1))
-    with cap.recording(b, 0):
+    with cap.recording(torch.arange(b), 0):
         model(x).square().mean((1, 2)).sum().backward()
-    result = cap.products(W, [b], DT, rank=rank)
+    result = cap.products(W, DT, rank=rank)
     cap.remove()
     return result.per_param, result.lowrank, result.W
 
@@ -214,11 +214,11 @@ def test_bf16_capture_keeps_bf16_and_products_track_float32():
     out = {}
     for cache in (None, torch.bfloat16):
         cap = Capture(plan(model, []), cache_dtype=cache)
-        with cap.recording(5, 0):
+        with cap.recording(torch.arange(5), 0):
             model(x).square().mean((1, 2)).sum().backward()
         calls = [c for cs in cap.calls.values() for c in cs]
         assert {c.a.dtype for c in calls} == {c.e.dtype for c in calls} == {cache or torch.float32}
-        out[cache] = cap.products(W, [5], torch.float32).per_param
+        out[cache] = cap.products(W, torch.float32).per_param
         cap.remove()
     for name, ref in out[None].items():
         assert out[torch.bfloat16][name].dtype == torch.float32

@@ -23,11 +23,11 @@ def sum_sq_and_reference(model, loss_fn, micro_batches):
     cap = Capture(pl)
     sizes = []
     for j, mb in enumerate(micro_batches):
-        with cap.recording(mb[-1], j):
+        with cap.recording(torch.arange(mb[-1]), j):
             loss_fn(model, mb).sum().backward()
         sizes.append(mb[-1])
     params = list(pl.params.values())
-    ours = cap.sum_of_squares({id(p) for p in params}, sizes, torch.float64, budget=40)  # tiny chunks
+    ours = cap.sum_of_squares({id(p) for p in params}, torch.float64, budget=40)  # tiny chunks
     cap.remove()
     ref = {id(p): torch.zeros_like(p) for p in params}
     for mb in micro_batches:
@@ -47,11 +47,11 @@ def ghost_and_reference(model, loss_fn, micro_batches, K=3, exclude=()):
     W = {id(p): torch.randn(K, *p.shape, dtype=torch.float64) for p in pl.params.values()}
     sizes = []
     for j, mb in enumerate(micro_batches):
-        with cap.recording(mb[-1], j):
+        with cap.recording(torch.arange(mb[-1]), j):
             losses = loss_fn(model, mb)
             losses.sum().backward()
         sizes.append(mb[-1])
-    per_param = cap.products(W, sizes, torch.float64).per_param
+    per_param = cap.products(W, torch.float64).per_param
     ghost = torch.stack(list(per_param.values())).sum(0)
     cap.remove()
     params = list(pl.params.values())
@@ -135,7 +135,7 @@ def test_norms_keep_per_sample_gradients_not_activations():
     """Norm layers reduce in the backward hook: a [b, d] gradient per call, the input released."""
     model = Wrap(nn.Sequential(nn.Linear(7, 7), nn.LayerNorm(7)))
     cap = Capture(plan(model, []))
-    with cap.recording(5, 0):
+    with cap.recording(torch.arange(5), 0):
         model(torch.randn(5, 4, 7)).sum().backward()
     (call,) = cap.calls["body.1"]
     assert call.a is None and call.e is None

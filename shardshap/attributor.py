@@ -409,6 +409,16 @@ class Attributor(Stateful):
             total = total / players.counted_positions().to(device)
         return total.to(next((x.dtype for x in losses if x is not None), torch.float32))
 
+    def _step_loss(self, sample_loss: torch.Tensor) -> torch.Tensor:
+        """The step's training loss on this rank (Config.reduction; NaN where losses were not recorded): over
+        the samples, or over the counted positions of per-position ids."""
+        players = self.capture.players
+        if players.per_position:
+            counted = players.counted_positions().to(sample_loss.device, sample_loss.dtype)
+            total = (sample_loss * counted).sum()
+            return total / counted.sum() if self.config.reduction == "mean" else total
+        return sample_loss.mean() if self.config.reduction == "mean" else sample_loss.sum()
+
     def _discard(self) -> None:
         self._recorded = []
         self._targets, self._stream = _UNSET, None
@@ -589,7 +599,7 @@ class Attributor(Stateful):
         cfg = self.config
         return StepResult(
             scores=scores, sample_ids=sample_ids,
-            loss=sample_loss.mean() if cfg.reduction == "mean" else sample_loss.sum(),  # NaN if unrecorded
+            loss=self._step_loss(sample_loss),
             sample_loss=sample_loss, step=self.step_index, lr=scalar(self.optimizer.param_groups[0]["lr"]),
             target_loss=target_loss, clip_factor=clip,
             metadata={"estimator": cfg.estimator, "order": cfg.order, "excluded": self.excluded,
@@ -597,16 +607,17 @@ class Attributor(Stateful):
                       **{f"product_{k}": v for k, v in lowrank.items()}})
 
     # ------------------------------------------------------------------ store
-    def _check_store_fits(self, local_samples: int) -> None:
-        """Before a step trains: the store is healthy and has a slot for every local sample."""
-        if self._writer is None:
-            return
-        slots = self._writer.layout.slots_per_rank
-        if local_samples > slots:
-            raise StoreError(f"step {self.step_index}: {local_samples} samples on rank {self.backend.dp_rank}, but "
-                             f"the store has {slots} slots per rank (the widest rank's batch at the first step): "
-                             "keep the per-rank batch at most that size, or write to a new store")
-        self._writer.check_healthy()
+    def _check_store_fits(self, local_players: int) -> None:
+        """Before a step trains: the store is healthy and has a slot for every local player."""
+        slots = self.config.store_slots if self._writer is None else self._writer.layout.slots_per_rank
+        if self.store_path is not None and slots is not None and local_players > slots:
+            origin = ("Config.store_slots" if self.config.store_slots is not None
+                      else "the widest rank's batch at the first step")
+            raise StoreError(f"step {self.step_index}: {local_players} players (samples or documents) on rank "
+                             f"{self.backend.dp_rank}, but the store has {slots} slots per rank ({origin}): keep "
+                             "them at most that many, or write to a new store with a larger Config.store_slots")
+        if self._writer is not None:
+            self._writer.check_healthy()
 
     def _open_store(self, result: StepResult) -> None:
         """Create the store, or validate an existing one, at the first step (collective: every rank)."""
@@ -615,6 +626,8 @@ class Attributor(Stateful):
         # the widest rank sets the slots; the sum is the global batch
         widest = int(backend.all_reduce(torch.tensor([local], dtype=torch.int64), "max").item())
         total = int(backend.all_reduce_sum(torch.tensor([local], dtype=torch.int64)).item())
+        if self.config.store_slots is not None:
+            widest = self.config.store_slots  # (a first step with more players was refused before it trained)
         self._writer = ScoreWriter(
             self.store_path, run_id=self.run_id, config=self.config.to_dict(),
             targets=self.config.target_names or [f"target{k}" for k in range(result.scores.shape[1])],

@@ -112,3 +112,54 @@ def tiny_llama(batch_size=8, seed=0, dtype=torch.float64, T=12, vocab=48, n_targ
     cfg._attn_implementation = "eager"
     model = LlamaForCausalLM(cfg).to(dtype)
     return _lm_case("llama", model, vocab, T, batch_size, seed, n_targets)
+
+
+def packed_lm(family="gpt2", rows=4, seed=0, dtype=torch.float64, T=12, vocab=48, n_targets=2,
+              document_masked=True) -> Case:
+    """Documents of 3-10 tokens packed into rows of T tokens (several per row, some cut across rows).
+    batch = (input_ids, attention_mask, position_ids): document-masked attention with positions restarting
+    per document (`document_masked`), or plain causal attention over the row. sample_ids are per position:
+    train_loss returns [rows, T-1] next-token losses, their ids the document of each (-1 across documents)."""
+    from ..packing import document_attention, next_token_ids, position_ids
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                           bos_token_id=0, eos_token_id=0)).to(dtype)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=32, tie_word_embeddings=False)).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens, owner, d = [], [], 0
+    while len(tokens) < 64 * T:
+        n = int(torch.randint(3, 11, (1,), generator=g))
+        doc = torch.randint(1, vocab, (n,), generator=g)
+        doc[1::2] = (doc[0::2][:len(doc[1::2])] * 3 + 1) % vocab  # structure to learn
+        tokens += doc.tolist()
+        owner += [d] * n
+        d += 1
+    stream = torch.tensor(tokens[:64 * T]).view(64, T)
+    docs = torch.tensor(owner[:64 * T]).view(64, T)
+    val = torch.randint(0, vocab, (n_targets * 4, T), generator=g)
+    val[:, 1::2] = (val[:, 0::2] * 3 + 1) % vocab
+
+    def train_loss(m, b):
+        ids, mask, pos = b
+        logits = m(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1), reduction="none").view(
+            ids.shape[0], -1)
+
+    def target_loss(m, _t):
+        return _lm_losses(m, val, torch.ones_like(val)).view(n_targets, -1).mean(1)
+
+    def batches(step):
+        idx = (step * rows + torch.arange(rows)) % len(stream)
+        ids, dd = stream[idx], docs[idx]
+        if document_masked:
+            return (ids, document_attention(dd, dtype), position_ids(dd)), next_token_ids(dd)
+        return (ids, None, None), next_token_ids(dd)
+
+    return Case(f"packed-{family}", model, train_loss, target_loss, batches, None)

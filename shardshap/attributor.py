@@ -597,14 +597,41 @@ class Attributor(Stateful):
 
     def _result(self, scores, sample_ids, sample_loss, target_loss, clip, lowrank, **metadata) -> StepResult:
         cfg = self.config
+        loss = self._step_loss(sample_loss)
+        if self.backend.distributed and self.capture.players.per_position:
+            scores, sample_ids, sample_loss = self._merge_documents(scores, sample_ids, sample_loss)
         return StepResult(
             scores=scores, sample_ids=sample_ids,
-            loss=self._step_loss(sample_loss),
+            loss=loss,
             sample_loss=sample_loss, step=self.step_index, lr=scalar(self.optimizer.param_groups[0]["lr"]),
             target_loss=target_loss, clip_factor=clip,
             metadata={"estimator": cfg.estimator, "order": cfg.order, "excluded": self.excluded,
                       "product_rank": cfg.product_rank, **metadata,
                       **{f"product_{k}": v for k, v in lowrank.items()}})
+
+    def _merge_documents(self, scores, sample_ids, sample_loss):
+        """Per-position ids under data parallelism: a document whose positions several ranks hold gets the sum
+        of their parts (and the mean loss over all its positions), returned by the lowest of those ranks only
+        (one all-gather of [players, K + 2] numbers and one of the ids)."""
+        backend, players = self.backend, self.capture.players
+        counted = players.counted_positions().to(scores.device, torch.float64)
+        rows = torch.cat([scores.double(), counted[:, None], (sample_loss.double() * counted)[:, None]], 1)
+        width = int(backend.all_reduce(torch.tensor([len(sample_ids)], dtype=torch.int64), "max").item())
+        pad = width - len(sample_ids)
+        ids = torch.cat([sample_ids, torch.full((pad,), -1, dtype=torch.int64)]).to(scores.device)
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+        all_ids = torch.cat(backend.all_gather(ids)).cpu()
+        all_rows = torch.cat(backend.all_gather(rows)).cpu()
+        valid = all_ids >= 0
+        distinct, which = torch.unique(all_ids[valid], return_inverse=True)
+        merged = torch.zeros(len(distinct), rows.shape[1], dtype=torch.float64).index_add_(0, which, all_rows[valid])
+        below = all_ids[:backend.dp_rank * width]
+        mine = ~torch.isin(sample_ids, below[below >= 0])  # no lower rank has it
+        at = torch.searchsorted(distinct, sample_ids[mine])
+        K = scores.shape[1]
+        out = merged[at].to(scores.device)
+        return (out[:, :K].to(scores.dtype), sample_ids[mine],
+                (out[:, K + 1] / out[:, K]).to(sample_loss.dtype))
 
     # ------------------------------------------------------------------ store
     def _check_store_fits(self, local_players: int) -> None:

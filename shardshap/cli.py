@@ -257,7 +257,8 @@ def cmd_verify(args):
     if args.json:
         print(json.dumps({**info, "rows": [r.__dict__ for r in rows]}, indent=2))
         return
-    print(f"{info['parameters']:,} parameters in {info['dtype']}, batch {info['batch']}, oracle {info['oracle']}, "
+    print(f"{info['parameters']:,} parameters in {info['dtype']}, batch {info['batch']} sequences (players: "
+          f"{info['players']}), oracle {info['oracle']}, "
           f"after {info['warm_steps']} warm-up steps. Pearson R of each estimator's values against the exact "
           "Shapley values of the same real step (1 = identical ranking and spacing); efficiency gap = how far "
           "the values' sum is from U(B) - U(empty).")

@@ -63,11 +63,30 @@ class DataConfig(_Section):
     packing: Literal["pad", "pack"] = Field("pad", description="pad: one document per sequence (a longer one "
                                             "is split into seq_len chunks); pack: documents concatenated")
     truncate: bool = Field(False, description="pad only: keep just the first seq_len tokens of a document")
+    attention: Literal["causal", "document"] = Field(
+        "causal", description="causal: a token attends to every earlier token of its sequence (across the "
+        "documents a packed sequence holds); document (pack only): only to earlier tokens of its own document, "
+        "positions restarting at each document, as if each were a sequence of its own")
+    values_per: Optional[Literal["sequence", "document"]] = Field(
+        None, description="what the store values: each training sequence, or each corpus document (its "
+        "positions' shares summed over every sequence, micro-batch and rank of a step; ids index the corpus's "
+        "documents). Default: document with attention: document, else sequence. With pack and causal attention "
+        "per-document values are approximate (a token's gradient also comes from later documents' losses)")
     tokenizer: str = Field("bytes",
                            description="'bytes' (built-in, 256 bytes + 1 special) or a local HF tokenizer folder")
     validation: dict[str, Union[str, list[str]]] = Field(default_factory=dict)
     val_sequences: int = Field(8, gt=0, description="first sequences of each validation set used as its target")
     keep: Optional[str] = Field(None, description="index list written by `shardshap select`: train on these ids only")
+
+
+    @model_validator(mode="after")
+    def _attention(self):
+        if self.attention == "document" and self.packing != "pack":
+            raise ConfigError("data.attention: document needs data.packing: pack (padded sequences hold one "
+                              "document each already)")
+        if self.values_per is None:
+            self.values_per = "document" if self.attention == "document" else "sequence"
+        return self
 
 
 class CheckpointConfig(_Section):
@@ -163,11 +182,15 @@ class RecipeConfig(_Section):
     def checkpoint_dir(self) -> str:
         return self.train.checkpoint.dir or str(Path(self.out_dir) / "checkpoints")
 
-    def shardshap_config(self, num_samples: int) -> Config:
-        """The attribution section as a shardshap.Config. Under DeepSpeed the clipping is DeepSpeed's."""
+    def shardshap_config(self, num_samples: int, store_slots: Optional[int] = None) -> Config:
+        """The attribution section as a shardshap.Config. Under DeepSpeed the clipping is DeepSpeed's;
+        `store_slots` applies unless the section sets it."""
         clip = None if self.distributed.engine == "deepspeed" else self.train.max_grad_norm
-        return Config.from_dict({**self.attribution.shardshap_fields(), "num_samples": num_samples,
-                                 "max_grad_norm": clip, "target_names": list(self.data.validation)})
+        fields = self.attribution.shardshap_fields()
+        if store_slots is not None:
+            fields.setdefault("store_slots", store_slots)
+        return Config.from_dict({**fields, "num_samples": num_samples, "max_grad_norm": clip,
+                                 "target_names": list(self.data.validation)})
 
     def run_id(self) -> str:
         """Same model, data, seed and attribution settings -> same id (a resumed run must match its store).

@@ -1,7 +1,8 @@
-"""Corpus -> fixed-length training sequences with stable sample ids, and the per-rank sampler.
+"""Corpus -> fixed-length training sequences with stable ids, and the per-rank sampler.
 
-A sample id is the index of a sequence in the built training set: the same config and corpus give the
-same ids, which the store, the manifest and `shardshap select` index lists all refer to."""
+A sequence id is the index of a sequence in the built training set, a document id the index of a document
+in the corpus: the same config and corpus give the same ids, which the store, the manifest and
+`shardshap select` index lists all refer to (sequences, or documents with data.values_per: document)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import torch
 from ..analysis.manifest import default_path as manifest_path
 from ..analysis.manifest import write_manifest
 from ..config import ConfigError
+from ..packing import document_attention, next_token_ids, position_ids
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl",)
@@ -101,20 +103,33 @@ class Sequences:
     length: np.ndarray      # [S] real tokens (the rest is padding)
     domain: np.ndarray      # [S] str: domain of the document that fills most of the sequence
     doc: np.ndarray         # [S] index of the first document in the sequence
+    docs: np.ndarray        # [S, T] document of every token (-1: padding)
 
     def __len__(self) -> int:
         return len(self.length)
 
-    def batch(self, ids, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) of the given sequence ids."""
+    def batch(self, ids, device="cpu", attention: str = "causal", dtype=torch.float32) -> tuple:
+        """(input_ids, attention_mask) of the given sequence ids; attention 'document': (input_ids, a [b, 1, T, T]
+        document-masked attention mask in `dtype`, position_ids restarting at each document)."""
         ids = np.asarray(ids)
         tok = torch.from_numpy(self.tokens[ids]).to(device)
+        if attention == "document":
+            docs = torch.from_numpy(self.docs[ids])
+            return tok, document_attention(docs, dtype).to(device), position_ids(docs).to(device)
         mask = (torch.arange(self.tokens.shape[1]) < torch.from_numpy(self.length[ids])[:, None]).long()
         return tok, mask.to(device)
 
+    def position_ids_of(self, ids) -> torch.Tensor:
+        """[b, T-1]: the document of each next-token loss of the given sequences (-1: not counted)."""
+        return next_token_ids(torch.from_numpy(self.docs[np.asarray(ids)]))
+
+    def most_documents(self) -> int:
+        """The most documents with a counted position in one sequence."""
+        return max(len(np.unique(row[row >= 0])) for row in next_token_ids(torch.from_numpy(self.docs)).numpy())
+
 
 def build_sequences(docs, tokenizer, seq_len: int, packing: str = "pad", truncate: bool = False) -> Sequences:
-    rows, lengths, domains, first = [], [], [], []
+    rows, lengths, domains, first, owners = [], [], [], [], []
     if packing == "pad":
         for d, (text, dom) in enumerate(docs):
             ids = tokenizer.encode(text)
@@ -126,6 +141,7 @@ def build_sequences(docs, tokenizer, seq_len: int, packing: str = "pad", truncat
                 lengths.append(len(c))
                 domains.append(dom)
                 first.append(d)
+                owners.append([d] * len(c) + [-1] * (seq_len - len(c)))
     else:  # pack: one stream, documents separated by EOS, cut into full sequences (the tail is dropped)
         stream, owner = [], []
         for d, (text, _) in enumerate(docs):
@@ -141,10 +157,12 @@ def build_sequences(docs, tokenizer, seq_len: int, packing: str = "pad", truncat
             values, counts = np.unique(doms, return_counts=True)
             domains.append(values[np.argmax(counts)])
             first.append(int(o[0]))
+            owners.append(o)
     if not rows:
         raise ConfigError(f"the corpus gives no sequence of >= 2 tokens (packing={packing}, seq_len={seq_len})")
     return Sequences(np.asarray(rows, dtype=np.int64), np.asarray(lengths, dtype=np.int64),
-                     np.asarray(domains, dtype=str), np.asarray(first, dtype=np.int64))
+                     np.asarray(domains, dtype=str), np.asarray(first, dtype=np.int64),
+                     np.asarray(owners, dtype=np.int64).reshape(len(rows), seq_len))
 
 
 def read_keep(path: str, num_samples: int) -> np.ndarray:
@@ -169,29 +187,36 @@ class Data:
     val: dict                  # name -> Sequences (first val_sequences)
     pool: np.ndarray           # ids the sampler draws from (all, or data.keep)
     tokenizer: object
+    documents: list            # [(text, domain)] of the corpus, in document id order
 
 
 def build_data(cfg) -> Data:
     """Everything the trainer reads, from a RecipeConfig's data section."""
     d = cfg.data
     tok = make_tokenizer(d.tokenizer)
-    train = build_sequences(read_documents(d.corpus), tok, d.seq_len, d.packing, d.truncate)
+    documents = read_documents(d.corpus)
+    train = build_sequences(documents, tok, d.seq_len, d.packing, d.truncate)
     val = {}
     for name, files in d.validation.items():
         files = [files] if isinstance(files, str) else files
         seqs = build_sequences(read_documents(files, f"data.validation.{name}"), tok, d.seq_len, d.packing,
                                d.truncate)
         n = min(d.val_sequences, len(seqs))
-        val[name] = Sequences(seqs.tokens[:n], seqs.length[:n], seqs.domain[:n], seqs.doc[:n])
+        val[name] = Sequences(seqs.tokens[:n], seqs.length[:n], seqs.domain[:n], seqs.doc[:n], seqs.docs[:n])
     texts = [tok.decode(train.tokens[i, :train.length[i]]) for i in range(len(train))]
     pool = read_keep(d.keep, len(train)) if d.keep else np.arange(len(train))
-    return Data(train, texts, val, pool, tok)
+    return Data(train, texts, val, pool, tok, documents)
 
 
-def write_corpus_manifest(store: str, data: Data) -> str:
-    """`<store>.manifest.jsonl`: id, domain and a snippet of every training sequence (read by `shardshap report`)."""
+def write_corpus_manifest(store: str, data: Data, per_document: bool = False) -> str:
+    """`<store>.manifest.jsonl`: id, domain and a snippet of every training sequence, or of every document
+    (read by `shardshap report`)."""
     path = manifest_path(store)
-    write_manifest(path, range(len(data.train)), data.train.domain, data.texts)
+    if per_document:
+        write_manifest(path, range(len(data.documents)), [dom for _, dom in data.documents],
+                       [text for text, _ in data.documents])
+    else:
+        write_manifest(path, range(len(data.train)), data.train.domain, data.texts)
     return path
 
 

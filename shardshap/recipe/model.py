@@ -59,13 +59,24 @@ def build_model(cfg, vocab_size: int, pad_id: int, device="cpu") -> nn.Module:
     return model
 
 
+def position_losses(model, batch) -> torch.Tensor:
+    """Tensor[b, T-1]: next-token cross entropy at every position (fp32 math). `batch` is (input_ids,
+    attention_mask) or, for document-masked attention, (input_ids, 4-D mask, position_ids)."""
+    ids, mask, *pos = batch
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos[0] if pos else None).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                           reduction="none").view(ids.shape[0], -1)
+
+
 def sequence_losses(model, batch) -> torch.Tensor:
-    """Tensor[b]: token-mean next-token cross entropy of each sequence, padding masked (fp32 math)."""
-    ids, mask = batch
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                          reduction="none").view(ids.shape[0], -1)
-    m = mask[:, 1:].float()
+    """Tensor[b]: token-mean next-token cross entropy of each sequence, padding masked (fp32 math). With
+    document-masked attention every position counts but the one whose next token starts another document."""
+    tok = position_losses(model, batch)
+    if len(batch) == 3:  # (the mask is 4-D: the counted positions are those not crossing documents)
+        ids, _, pos = batch
+        m = (pos[:, 1:] != 0).float()
+    else:
+        m = batch[1][:, 1:].float()
     return (tok * m).sum(1) / m.sum(1).clamp(min=1)
 
 

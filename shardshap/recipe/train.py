@@ -13,13 +13,14 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..backends import barrier, free_port, init_distributed
 from ..config import ConfigError
 from .config import RecipeConfig, deepspeed_dict
 from .data import Sampler, build_data, write_corpus_manifest
-from .model import build_model, count_parameters, sequence_losses, target_losses
+from .model import build_model, count_parameters, position_losses, sequence_losses, target_losses
 
 
 @dataclass
@@ -96,25 +97,51 @@ def _wrap(cfg: RecipeConfig, model: nn.Module, sched_fn, world: int, device):
     return model, opt, opt, torch.optim.lr_scheduler.LambdaLR(opt, sched_fn), None
 
 
-def _plain_step(cfg, model, opt, ds_engine, micro) -> torch.Tensor:
-    """The step attr.step replaces, with the same arithmetic (attribution off trains to the same numbers)."""
+def _counted_positions(micro_ids, world: int) -> float:
+    """What the step's mean over counted positions divides by on each rank: all ranks' count / ranks (the
+    engines average the ranks' gradients), as Attributor.step does for per-position ids."""
+    n = torch.tensor([sum(int((i >= 0).sum()) for i in micro_ids)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(n)
+    return float(n.item()) / world
+
+
+def _plain_step(cfg, model, opt, ds_engine, micro, micro_ids, world) -> torch.Tensor:
+    """The step attr.step replaces, with the same arithmetic (attribution off trains to the same numbers).
+    With per-document values the loss is the mean over the step's counted positions."""
+    per_document = cfg.data.values_per == "document"
+    if per_document:
+        c = 1.0 / _counted_positions(micro_ids, world)
+
+        def loss_of(m, mb, ids):  # (and the counted positions' losses, for the log)
+            per = position_losses(m, mb)
+            counted = (ids >= 0).to(per.device)
+            return torch.where(counted, per, 0).sum() * c, per[counted]
     if ds_engine is not None:
         losses = []
-        for mb in micro:
-            per = sequence_losses(ds_engine, mb)
-            ds_engine.backward(per.mean())
+        for mb, ids in zip(micro, micro_ids):
+            if per_document:
+                loss, per = loss_of(ds_engine, mb, ids)
+                ds_engine.backward(loss, scale_wrt_gas=False)
+            else:
+                per = sequence_losses(ds_engine, mb)
+                ds_engine.backward(per.mean())
             ds_engine.step()
             losses.append(per.detach())
-        return torch.cat(losses).mean()
+        return torch.cat([x.reshape(-1) for x in losses]).mean()
     opt.zero_grad(set_to_none=True)
     n = sum(len(mb[0]) for mb in micro)
     losses = []
-    for j, mb in enumerate(micro):
+    for j, (mb, ids) in enumerate(zip(micro, micro_ids)):
         skip_sync = isinstance(model, nn.parallel.DistributedDataParallel) and j < len(micro) - 1
         with model.no_sync() if skip_sync else torch.enable_grad():
-            per = sequence_losses(model, mb)
-            (per.mean() if len(micro) == 1 else per.sum() * (1.0 / n)).backward()
-        losses.append(per.detach())
+            if per_document:
+                loss, per = loss_of(model, mb, ids)
+                loss.backward()
+            else:
+                per = sequence_losses(model, mb)
+                (per.mean() if len(micro) == 1 else per.sum() * (1.0 / n)).backward()
+        losses.append(per.detach().reshape(-1))
     if cfg.train.max_grad_norm is not None:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
@@ -224,14 +251,21 @@ def run(cfg: RecipeConfig, stop_after: Optional[int] = None) -> Result:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg)
-    N = len(data.train)
+    per_document = cfg.data.values_per == "document"
+    N = len(data.documents) if per_document else len(data.train)
     sampler = Sampler(data.pool, cfg.train.micro_batch, cfg.train.grad_accum, world, cfg.train.seed)
     model = build_model(cfg, data.tokenizer.vocab_size, data.tokenizer.pad_id, device)
     model.train()
     n_params = count_parameters(model)
     model, opt, attr_opt, sched, ds_engine = _wrap(cfg, model, lr_lambda(cfg), world, device)
     module = ds_engine.module if ds_engine is not None else getattr(model, "module", model)
-    targets = {k: v.batch(np.arange(len(v)), device) for k, v in data.val.items()}
+    attention, mask_dtype = cfg.data.attention, next(module.parameters()).dtype  # (DeepSpeed bf16 casts it)
+    targets = {k: v.batch(np.arange(len(v)), device, attention, mask_dtype) for k, v in data.val.items()}
+    if per_document and cfg.data.packing == "pack" and attention == "causal" and rank == 0:
+        warnings.warn("data.values_per: document with data.attention: causal: tokens attend across the documents "
+                      "of a packed sequence, so a document's value also carries the effect of later documents' "
+                      "losses through its tokens (an approximation, measured in docs/training.md); set "
+                      "data.attention: document for exact per-document values", stacklevel=2)
 
     ckpt = _find_checkpoint(cfg)
     store = cfg.store_path if cfg.attribution.enabled else None
@@ -239,9 +273,11 @@ def run(cfg: RecipeConfig, stop_after: Optional[int] = None) -> Result:
     if store is not None:
         if rank == 0:
             Path(store).parent.mkdir(parents=True, exist_ok=True)
-            write_corpus_manifest(store, data)
-        attr = shardshap.Attributor(model, attr_opt, sequence_losses, target_losses, cfg.shardshap_config(N),
-                                    store=store, run_id=cfg.run_id(),
+            write_corpus_manifest(store, data, per_document)
+        # per document: slots for every document a rank's sequences of one step can hold
+        slots = cfg.train.micro_batch * cfg.train.grad_accum * data.train.most_documents() if per_document else None
+        attr = shardshap.Attributor(model, attr_opt, position_losses if per_document else sequence_losses,
+                                    target_losses, cfg.shardshap_config(N, slots), store=store, run_id=cfg.run_id(),
                                     overwrite=cfg.attribution.overwrite and ckpt is None)
     start = 0
     if ckpt is not None:
@@ -255,8 +291,9 @@ def run(cfg: RecipeConfig, stop_after: Optional[int] = None) -> Result:
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     names = list(targets)
     if rank == 0:
-        print(f"shardshap train: {cfg.model.family} {n_params:,} parameters, {N} sequences "
-              f"({len(data.pool)} in the pool), global batch {sampler.global_batch} on {world} rank(s), "
+        valued = f"; values for {N} documents" if per_document else ""
+        print(f"shardshap train: {cfg.model.family} {n_params:,} parameters, {len(data.train)} sequences "
+              f"({len(data.pool)} in the pool{valued}), global batch {sampler.global_batch} on {world} rank(s), "
               f"engine {cfg.distributed.engine}, attribution {'-> ' + store if store else 'off'}"
               f"{f', resumed at step {start}' if start else ''}", flush=True)
     bar = tqdm(range(start, end), initial=start, total=cfg.train.steps, disable=rank != 0, unit="step",
@@ -266,12 +303,13 @@ def run(cfg: RecipeConfig, stop_after: Optional[int] = None) -> Result:
     evals, every_eval = [], cfg.train.eval_every
     for step in bar:
         micro_ids = sampler.local_ids(step, rank)
-        micro = [data.train.batch(i, device) for i in micro_ids]
+        micro = [data.train.batch(i, device, attention, mask_dtype) for i in micro_ids]
+        ids = [data.train.position_ids_of(i) if per_document else torch.from_numpy(i) for i in micro_ids]
         if attr is not None:
-            out = attr.step(micro, [torch.from_numpy(i) for i in micro_ids], targets)
+            out = attr.step(micro, ids, targets)
             loss, tl = float(out.loss), out.target_loss.tolist()
         else:
-            loss = float(_plain_step(cfg, model, opt, ds_engine, micro))
+            loss = float(_plain_step(cfg, model, opt, ds_engine, micro, ids, world))
         if ds_engine is None:
             sched.step()  # DeepSpeed steps its scheduler itself at the accumulation boundary
         tokens += int(data.train.length[sampler.global_ids(step)].sum())

@@ -76,7 +76,8 @@ class DataConfig(_Section):
                            description="'bytes' (built-in, 256 bytes + 1 special) or a local HF tokenizer folder")
     validation: dict[str, Union[str, list[str]]] = Field(default_factory=dict)
     val_sequences: int = Field(8, gt=0, description="first sequences of each validation set used as its target")
-    keep: Optional[str] = Field(None, description="index list written by `shardshap select`: train on these ids only")
+    keep: Optional[str] = Field(None, description="index list written by `shardshap select`: train on these ids "
+                                "only (sequences, or documents with values_per: document)")
 
 
     @model_validator(mode="after")

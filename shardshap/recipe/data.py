@@ -128,10 +128,13 @@ class Sequences:
         return max(len(np.unique(row[row >= 0])) for row in next_token_ids(torch.from_numpy(self.docs)).numpy())
 
 
-def build_sequences(docs, tokenizer, seq_len: int, packing: str = "pad", truncate: bool = False) -> Sequences:
+def build_sequences(docs, tokenizer, seq_len: int, packing: str = "pad", truncate: bool = False,
+                    doc_ids=None) -> Sequences:
+    """`docs` [(text, domain)] as sequences; `doc_ids`: the id of each document (default 0, 1, ...)."""
+    doc_ids = range(len(docs)) if doc_ids is None else [int(i) for i in doc_ids]
     rows, lengths, domains, first, owners = [], [], [], [], []
     if packing == "pad":
-        for d, (text, dom) in enumerate(docs):
+        for d, (text, dom) in zip(doc_ids, docs):
             ids = tokenizer.encode(text)
             chunks = [ids[:seq_len]] if truncate else [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
             for c in chunks:
@@ -144,7 +147,9 @@ def build_sequences(docs, tokenizer, seq_len: int, packing: str = "pad", truncat
                 owners.append([d] * len(c) + [-1] * (seq_len - len(c)))
     else:  # pack: one stream, documents separated by EOS, cut into full sequences (the tail is dropped)
         stream, owner = [], []
-        for d, (text, _) in enumerate(docs):
+        domain_of = {}
+        for d, (text, dom) in zip(doc_ids, docs):
+            domain_of[d] = dom
             ids = tokenizer.encode(text) + [tokenizer.eos_id]
             stream += ids
             owner += [d] * len(ids)
@@ -153,7 +158,7 @@ def build_sequences(docs, tokenizer, seq_len: int, packing: str = "pad", truncat
             rows.append(stream[s:s + seq_len])
             lengths.append(seq_len)
             o = owner[s:s + seq_len]
-            doms = np.array([docs[k][1] for k in o])
+            doms = np.array([domain_of[k] for k in o])
             values, counts = np.unique(doms, return_counts=True)
             domains.append(values[np.argmax(counts)])
             first.append(int(o[0]))
@@ -195,7 +200,10 @@ def build_data(cfg) -> Data:
     d = cfg.data
     tok = make_tokenizer(d.tokenizer)
     documents = read_documents(d.corpus)
-    train = build_sequences(documents, tok, d.seq_len, d.packing, d.truncate)
+    per_document = d.values_per == "document"
+    # data.keep lists documents when values are per document: the sequences are built from those alone
+    kept = read_keep(d.keep, len(documents)) if d.keep and per_document else np.arange(len(documents))
+    train = build_sequences([documents[i] for i in kept], tok, d.seq_len, d.packing, d.truncate, kept)
     val = {}
     for name, files in d.validation.items():
         files = [files] if isinstance(files, str) else files
@@ -204,7 +212,7 @@ def build_data(cfg) -> Data:
         n = min(d.val_sequences, len(seqs))
         val[name] = Sequences(seqs.tokens[:n], seqs.length[:n], seqs.domain[:n], seqs.doc[:n], seqs.docs[:n])
     texts = [tok.decode(train.tokens[i, :train.length[i]]) for i in range(len(train))]
-    pool = read_keep(d.keep, len(train)) if d.keep else np.arange(len(train))
+    pool = read_keep(d.keep, len(train)) if d.keep and not per_document else np.arange(len(train))
     return Data(train, texts, val, pool, tok, documents)
 
 

@@ -293,6 +293,16 @@ def test_packed_documents_are_valued_and_training_unchanged(tmp_path):
     for k in plain:
         assert torch.equal(on[k], plain[k]), k
 
+    keep = sorted(seen)[::2]  # retraining on a selection of documents: only they are packed and valued
+    (tmp_path / "keep.txt").write_text("".join(f"{i}\n" for i in keep))
+    d["attribution"]["enabled"] = True
+    d["data"]["keep"] = str(tmp_path / "keep.txt")
+    d["out_dir"] = str(tmp_path / "kept")
+    run(validate(d))
+    kept = open_scores(str(tmp_path / "kept" / "run.zarr"))
+    assert kept.value.shape[0] == len(data.documents)
+    assert set(np.flatnonzero(kept.count > 0).tolist()) <= set(keep)
+
 
 def test_packed_causal_documents_warn_and_document_attention_needs_packing(tmp_path):
     from shardshap.recipe.train import run

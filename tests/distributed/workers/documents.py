@@ -23,28 +23,48 @@ def rows_of(case, step, ranks):
     return [tuple(x[r:r + 1] for x in batch) for r in rows], [ids[r:r + 1] for r in rows]
 
 
-def config():
-    return shardshap.Config(max_grad_norm=1.0, num_samples=1000, cold_steps=0, store_slots=8)
+def config(clip: bool = True):
+    return shardshap.Config(max_grad_norm=1.0 if clip else None, num_samples=1000, cold_steps=0, store_slots=8)
+
+
+def dtype_of(engine: str):
+    return torch.float32 if engine.startswith("zero") else torch.float64  # (DeepSpeed's CPU path: fp32)
+
+
+def deepspeed_engine(model, stage: int):
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": 0.1, "torch_adam": True}},
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
+        "steps_per_print": 10 ** 9})
+    return engine
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--store", default=None)
-    ap.add_argument("--engine", default="ddp", choices=["ddp", "fsdp"])
+    ap.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "zero2", "zero3"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     rank, world = init_distributed()
-    case = cases.packed_lm("gpt2", dtype=torch.float64)
+    case = cases.packed_lm("gpt2", dtype=dtype_of(args.engine))
+    opt = None
     if args.engine == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(case.model)
+    elif args.engine.startswith("zero"):
+        model = deepspeed_engine(case.model, int(args.engine[-1]))
     else:
         from torch.distributed.fsdp import fully_shard
         for block in case.model.transformer.h:
             fully_shard(block)
         model = fully_shard(case.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    attr = shardshap.Attributor(model, opt, case.train_loss, case.target_loss, config(), store=args.store)
+    if not args.engine.startswith("zero"):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    attr = shardshap.Attributor(model, opt, case.train_loss, case.target_loss,
+                                config(clip=opt is not None), store=args.store)
     ids_out, scores_out, loss_out = [], [], []
     for step in range(STEPS):
         micro, micro_ids = rows_of(case, step, [rank])
@@ -53,8 +73,12 @@ def main():
         scores_out.append(out.scores.numpy())
         loss_out.append(out.sample_loss.numpy())
     attr.close()
-    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p
-    params = {n: full(p.detach()).numpy() for n, p in case.model.named_parameters()}
+    if args.engine.startswith("zero"):
+        from deepspeed.utils import safe_get_full_fp32_param
+        params = {n: safe_get_full_fp32_param(p).detach().numpy() for n, p in model.module.named_parameters()}
+    else:
+        full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p
+        params = {n: full(p.detach()).numpy() for n, p in case.model.named_parameters()}
     np.savez(f"{args.out}.rank{rank}.npz", **params,
              **{f"{key}{s}": v[s] for key, v in (("ids", ids_out), ("scores", scores_out), ("loss", loss_out))
                 for s in range(STEPS)})

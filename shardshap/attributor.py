@@ -24,7 +24,8 @@ from torch.profiler import record_function
 from . import __version__, estimators
 from ._hardware import warn_if_bf16_is_emulated
 from .backends import detect
-from .checks import check_compiled, check_completeness, check_ids, check_loss
+from .checks import check_completeness, check_ids, check_loss
+from .compiled import compile_ready, donation_explained, is_compiled, uncompiled
 from .config import Config
 from .errors import AttributionError, ConfigError, ShardshapError, StoreError
 from .estimators.owen import is_cold, owen_cold_start
@@ -155,15 +156,15 @@ class Attributor(Stateful):
         if not callable(target_loss) or (train_loss is not None and not callable(train_loss)):
             raise AttributionError("train_loss and target_loss must be callables: train_loss(model, batch) -> "
                                    "Tensor[b], target_loss(model, targets) -> Tensor[K]")
-        check_compiled(model)
         self.backend = detect(model)
+        self._compiled = is_compiled(model)
         optimizer = self.backend.resolve_optimizer(optimizer)
         self.model, self.module, self.optimizer = model, self.backend.module, optimizer
         self.train_loss, self.target_loss = train_loss, target_loss
         self.update_rule = self.backend.update_rule(optimizer)
         self.estimator = estimators.get(self.config.estimator)
         self.estimator.check(self.update_rule, optimizer)
-        self.plan = plan(self.module, self.config.exclude, trainable=self.backend.trainable(optimizer))
+        self.plan = plan(uncompiled(self.module), self.config.exclude, trainable=self.backend.trainable(optimizer))
         if not self.plan.params:
             raise AttributionError("no trainable parameter to attribute: every parameter is frozen, outside "
                                    "the optimizer, or excluded")
@@ -201,37 +202,38 @@ class Attributor(Stateful):
         backend.zero_grad(opt)
         written = False
         try:
-            micro, ids = _micro_batches(batch, sample_ids)
-            per_position = ids[0].dim() == 2
-            c = 1.0 / self._loss_count(ids) if self.config.reduction == "mean" else 1.0
-            self._check_store_fits(_players(ids))
-            self._begin_step(targets)
-            for j, (mb, mids) in enumerate(zip(micro, ids)):
-                last = j == len(micro) - 1
-                # (one process only: a partial backward through DDP / FSDP / DeepSpeed could disturb their hooks)
-                probe = (j == 0 and not self._probed and len(mids) > 1 and not backend.distributed
-                         and not backend.owns_backward)
-                with record_function("shardshap.forward_backward"), self._record(mids) as rec, \
-                        backend.no_sync(last):
-                    with self.capture.probing() if probe else nullcontext() as outputs:
-                        per_sample = self.train_loss(self.model, mb)
-                    check_loss(per_sample, mids, j)
-                    if per_position:  # (-1 positions may hold anything, even NaN: left out, not multiplied)
-                        per_sample = torch.where(_counted(mids).to(per_sample.device), per_sample, 0)
-                    if probe:
-                        self.capture.check_batch_first(per_sample[0].sum(), outputs)
-                        self._probed = True
-                    if len(micro) == 1 and self.config.reduction == "mean" and not per_position:
-                        backend.backward(per_sample.mean())  # bit-identical to the plain step
-                    else:
-                        backend.backward(per_sample.sum() * c)
-                    rec.sample_loss = per_sample.detach()
-                backend.after_micro_batch(last)
-            result = self._attribute_recorded(targets, grad_norm=None)
-            result.metadata["seconds"] = time.perf_counter() - t0
-            written = self._write(result)  # validated and buffered before training moves
-            with record_function("shardshap.optimizer_step"):
-                backend.optimizer_step(opt)
+            with compile_ready(self._compiled), donation_explained():
+                micro, ids = _micro_batches(batch, sample_ids)
+                per_position = ids[0].dim() == 2
+                c = 1.0 / self._loss_count(ids) if self.config.reduction == "mean" else 1.0
+                self._check_store_fits(_players(ids))
+                self._begin_step(targets)
+                for j, (mb, mids) in enumerate(zip(micro, ids)):
+                    last = j == len(micro) - 1
+                    # (one process only: a partial backward through DDP / FSDP / DeepSpeed could disturb their hooks)
+                    probe = (j == 0 and not self._probed and len(mids) > 1 and not backend.distributed
+                             and not backend.owns_backward)
+                    with record_function("shardshap.forward_backward"), self._record(mids) as rec, \
+                            backend.no_sync(last):
+                        with self.capture.probing() if probe else nullcontext() as outputs:
+                            per_sample = self.train_loss(self.model, mb)
+                        check_loss(per_sample, mids, j)
+                        if per_position:  # (-1 positions may hold anything, even NaN: left out, not multiplied)
+                            per_sample = torch.where(_counted(mids).to(per_sample.device), per_sample, 0)
+                        if probe:
+                            self.capture.check_batch_first(per_sample[0].sum(), outputs)
+                            self._probed = True
+                        if len(micro) == 1 and self.config.reduction == "mean" and not per_position:
+                            backend.backward(per_sample.mean())  # bit-identical to the plain step
+                        else:
+                            backend.backward(per_sample.sum() * c)
+                        rec.sample_loss = per_sample.detach()
+                    backend.after_micro_batch(last)
+                result = self._attribute_recorded(targets, grad_norm=None)
+                result.metadata["seconds"] = time.perf_counter() - t0
+                written = self._write(result)  # validated and buffered before training moves
+                with record_function("shardshap.optimizer_step"):
+                    backend.optimizer_step(opt)
         except BaseException as err:
             backend.zero_grad(opt)  # nothing half-applied: no step, no leftover gradient, no recording
             self._discard()
@@ -268,7 +270,7 @@ class Attributor(Stateful):
                 raise AttributionError("schedule='streaming' takes the target pass before the training forward: "
                                        "pass the targets to the first record() of each step, "
                                        "`attr.record(ids, targets=...)`")
-            with self._refused_leaves_nothing():
+            with self._refused_leaves_nothing(), compile_ready(self._compiled), donation_explained():
                 self._begin_step(targets)
         with self._record(sample_ids) as rec:
             yield rec
@@ -284,7 +286,8 @@ class Attributor(Stateful):
                 check_ids(torch.cat([r.sample_ids.reshape(-1) for r in self._recorded + [rec]]),
                           self.config.num_samples, per_position=rec.sample_ids.dim() == 2)
             self._recorded.append(rec)
-            with self.capture.recording(rec.sample_ids, len(self._recorded) - 1):
+            with self.capture.recording(rec.sample_ids, len(self._recorded) - 1), \
+                    compile_ready(self._compiled), donation_explained():
                 yield rec
         except BaseException:
             self._discard()
@@ -312,7 +315,8 @@ class Attributor(Stateful):
                 raise AttributionError("schedule='streaming' took this step's target pass with the targets given "
                                        "to record(); call attribute() without targets (or with the same object)")
             self._check_store_fits(self.capture.players.n)
-            result = self._attribute_recorded(targets, grad_norm)
+            with compile_ready(self._compiled), donation_explained():
+                result = self._attribute_recorded(targets, grad_norm)
             result.metadata["seconds"] = time.perf_counter() - t0
             self._write(result)
         self.step_index += 1
@@ -383,6 +387,13 @@ class Attributor(Stateful):
     # ------------------------------------------------------------------ internals
     def _attribute_recorded(self, targets, grad_norm) -> StepResult:
         try:
+            if self._compiled and self.capture.tapped == 0:
+                raise AttributionError(
+                    "the compiled model ran without shardshap's hooks: dynamo reused graphs compiled before the "
+                    "Attributor registered them (torch._dynamo skips hook guards by default, so graphs of another "
+                    "instance of the same model, or of this one before the Attributor existed, are taken as they "
+                    "are). Create the Attributor before the first training forward, or call torch._dynamo.reset() "
+                    "(or set torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling).")
             return self._attribute(targets, self.capture.players.ids, self._player_losses(), grad_norm)
         finally:
             self._discard()

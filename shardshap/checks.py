@@ -1,29 +1,9 @@
 """Checks of a step's input and of its products; each raises AttributionError before the optimizer steps."""
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from .errors import AttributionError
-
-
-def check_compiled(model: torch.nn.Module) -> None:
-    """A torch.compile'd model whose compiled backward donates its buffers cannot run the backward passes
-    attribution adds on the training graph and the target graph (the batch-first probe, one target
-    gradient per target): refuse it before training, naming the setting that makes it work."""
-    dynamo = sys.modules.get("torch._dynamo")  # (torch.compile imports it: without it nothing is compiled)
-    if dynamo is None:
-        return
-    compiled = isinstance(model, dynamo.eval_frame.OptimizedModule) or any(
-        getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
-    if compiled and torch._functorch.config.donated_buffer:
-        raise AttributionError(
-            "the model is compiled with torch.compile, whose compiled backward donates its saved buffers by "
-            "default; attribution backpropagates through the same graph more than once (the first step's "
-            "batch-first probe, one target gradient per target), which donated buffers forbid. Set "
-            "torch._functorch.config.donated_buffer = False before the first forward (values are then those of "
-            "the eager model), or attribute the uncompiled model.")
 
 
 def check_loss(per_sample, ids: torch.Tensor, j: int) -> None:

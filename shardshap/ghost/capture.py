@@ -262,6 +262,7 @@ class Capture:
         self._stream: Optional[_Stream] = None
         self._seen: dict[str, torch.dtype] = {}  # module name -> lowest dtype of its output gradients this step
         self._probe: Optional[list] = None  # while probing: [(module name, tapped output)] of the forward
+        self.tapped = 0  # module calls tapped this step (none: the hooks did not run, e.g. a stale compiled graph)
         self._handles = []
         for am in plan_.modules:
             self._handles.append(am.module.register_forward_hook(self._hook(am)))
@@ -298,10 +299,11 @@ class Capture:
                 # no backward reaches this call (no_grad, or a reentrant checkpoint's first pass)
                 return output if expanded is not None else None
             tapped = _Tap.apply(output, a.detach(), lambda a_, e_: self._arrived(am, micro, batch_size, a_, e_))
+            self.tapped += 1
             if self._probe is not None:
                 self._probe.append((am.name, tapped))
             return tapped
-        return hook
+        return torch.compiler.disable(hook)  # (compiled models: run eagerly, not retraced per module)
 
     def _arrived(self, am: AttributedModule, micro: int, batch_size: int, a: torch.Tensor, e: torch.Tensor) -> None:
         """The backward reached one call of `am`: its input `a` and output gradient `e` are hot."""
@@ -416,6 +418,7 @@ class Capture:
 
     def clear(self) -> None:
         self.players = Players()
+        self.tapped = 0
         self._seen.clear()
         for calls in self.calls.values():
             calls.clear()

@@ -170,20 +170,3 @@ def test_config_validation(tmp_path):
         Config.from_file(j)
     assert set(Config.fields_help()) == {f for f in Config().to_dict()}
     assert all(len(h) > 20 for h in Config.fields_help().values())
-
-
-def test_compiled_model_with_donated_buffers_is_refused_with_the_fix():
-    """torch.compile's backward donates buffers by default, which the extra backward passes forbid: a clear
-    error before training (torch's own came from inside the first step), and none once donation is off."""
-    torch.manual_seed(0)
-    model = torch.compile(nn.Sequential(nn.Linear(4, 3)))  # (lazy: nothing is compiled here)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = lambda m, b: m(b).pow(2).sum(1)
-    with pytest.raises(AttributionError, match=r"donated_buffer = False"):
-        shardshap.Attributor(model, opt, loss, loss)
-    saved = torch._functorch.config.donated_buffer
-    torch._functorch.config.donated_buffer = False
-    try:
-        shardshap.Attributor(model, opt, loss, loss).close()
-    finally:
-        torch._functorch.config.donated_buffer = saved

@@ -12,9 +12,9 @@ import statistics
 
 import torch
 import torch._dynamo
+from throughput import Runner, interleave, make_workload, warm
 
 import shardshap
-from throughput import Runner, interleave, make_workload, warm
 
 
 def main():

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import UnsupportedEngine
 from .base import Backend, OwnedSlice
-from .launch import barrier, free_port, init_distributed, shutdown
+from .launch import barrier, free_port, init_distributed, shutdown, world_sum
 from .local import DDPBackend, LocalBackend
 
 
@@ -38,4 +38,4 @@ def detect(model: nn.Module) -> Backend:
 
 
 __all__ = ["Backend", "DDPBackend", "LocalBackend", "OwnedSlice", "barrier", "detect", "free_port",
-           "init_distributed", "shutdown"]
+           "init_distributed", "shutdown", "world_sum"]

@@ -48,6 +48,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def world_sum(value: float) -> float:
+    """`value` summed over every rank of the world (launch scripts); itself in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # (NCCL takes CUDA tensors only)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
 def shutdown() -> None:
     """Leave torch.distributed cleanly: barrier, collect garbage (lets gloo's threads finish before the
     interpreter tears down; without it half the runs died with SIGABRT here), then destroy the group."""

@@ -13,10 +13,9 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..backends import barrier, free_port, init_distributed
+from ..backends import barrier, free_port, init_distributed, world_sum
 from ..config import ConfigError
 from .config import RecipeConfig, deepspeed_dict
 from .data import Sampler, build_data, write_corpus_manifest
@@ -100,10 +99,7 @@ def _wrap(cfg: RecipeConfig, model: nn.Module, sched_fn, world: int, device):
 def _counted_positions(micro_ids, world: int) -> float:
     """What the step's mean over counted positions divides by on each rank: all ranks' count / ranks (the
     engines average the ranks' gradients), as Attributor.step does for per-position ids."""
-    n = torch.tensor([sum(int((i >= 0).sum()) for i in micro_ids)], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(n)
-    return float(n.item()) / world
+    return world_sum(float(sum(int((i >= 0).sum()) for i in micro_ids))) / world
 
 
 def _plain_step(cfg, model, opt, ds_engine, micro, micro_ids, world) -> torch.Tensor:

@@ -137,7 +137,8 @@ STEP_CASES = [  # what is wrong, the error class, what the message must say (the
     ("target float", AttributionError, "0-d tensor .* got float"),
     ("target empty", AttributionError, r"1-d tensor \[K\].*shape \(0,\)"),
     ("target per token", AttributionError, "returned 80 losses.*reduction is probably missing.*target_names"),
-    ("too many samples for the store", StoreError, "9 samples on rank 0, but the store has 6 slots per rank"),
+    ("too many samples for the store", StoreError,
+     r"9 players \(samples or documents\) on rank 0, but the store has 6 slots per rank"),
 ]
 
 

@@ -9,6 +9,7 @@ Trainer clips before any callback sees the gradients and the values need the cli
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Callable, Optional
@@ -16,7 +17,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers import TrainerCallback
+from torch import nn
+from transformers import Trainer, TrainerCallback
 
 from ..attributor import Attributor
 from ..config import Config
@@ -37,6 +39,21 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> Optional[torc
     return None
 
 
+def _training_engine(model: nn.Module) -> nn.Module:
+    """What trains `model`: Trainer hands callbacks its unwrapped model, but under DDP (or DeepSpeed) the wrapper
+    in `Trainer.model_wrapped` runs the training; found on the stack of the Trainer call in progress."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return model
+    frame = inspect.currentframe()
+    while frame is not None:
+        trainer = frame.f_locals.get("self")
+        if isinstance(trainer, Trainer):
+            return trainer.model_wrapped
+        frame = frame.f_back
+    raise AttributionError("ShardshapCallback under several ranks must be called from Trainer.train() (it reads the "
+                           "Trainer's wrapped model)")
+
+
 def model_loss(model, targets: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """Default target loss: the model's own loss on each named target batch (which must hold `labels`)."""
     return torch.stack([model(**batch).loss for batch in targets.values()])
@@ -50,7 +67,8 @@ class ShardshapCallback(TrainerCallback):
         TrainingArguments). store / run_id / overwrite: as for Attributor (`num_samples` defaults to the
         training set's length).
     The training dataset needs a `sample_id` column (the row's index) and TrainingArguments needs
-    `remove_unused_columns=False` so that the column reaches the model's forward. Single process only.
+    `remove_unused_columns=False` so that the column reaches the model's forward. One process, or several
+    under torchrun with Trainer's DDP or FSDP2 (docs/training.md).
     """
 
     def __init__(self, targets: Mapping[str, Mapping[str, torch.Tensor]], config: Optional[Config] = None, *,
@@ -68,9 +86,7 @@ class ShardshapCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise AttributionError("ShardshapCallback runs single-process Trainer jobs only; for DDP, FSDP2 or "
-                                   "DeepSpeed use launch/train.py or shardshap.Attributor (docs/training.md)")
+        engine = _training_engine(model)
         cfg = self.config
         if args.max_grad_norm and cfg.max_grad_norm not in (None, args.max_grad_norm):
             raise AttributionError(f"TrainingArguments.max_grad_norm={args.max_grad_norm} but Config.max_grad_norm="
@@ -84,7 +100,7 @@ class ShardshapCallback(TrainerCallback):
         device = next(model.parameters()).device
         self.targets = {k: {n: v.to(device) if torch.is_tensor(v) else v for n, v in b.items()}
                         for k, b in self.targets.items()}
-        self.attributor = Attributor(model, getattr(optimizer, "optimizer", optimizer), None, self._target_pass, cfg,
+        self.attributor = Attributor(engine, getattr(optimizer, "optimizer", optimizer), None, self._target_pass, cfg,
                                      store=self.store, run_id=self.run_id, overwrite=self.overwrite)
         self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        model.register_forward_hook(self._after_forward, with_kwargs=True)]

@@ -261,10 +261,9 @@ class Attributor(Stateful):
         or after the block): `with attr.record(ids) as rec: loss = ...; loss.backward()`. Set
         `rec.sample_loss` (Tensor[b]) to store per-sample losses. Call once per micro-batch, in order.
         Under schedule='streaming' the target pass runs before the training forward: give `targets` to the
-        first record() of each step (and then call attribute() without them)."""
-        if self.backend.owns_backward:
-            raise AttributionError("the low-level API cannot drive DeepSpeed engines (DeepSpeed owns backward, "
-                                   "clipping and step); use attr.step(batch, ids, targets)")
+        first record() of each step (and then call attribute() without them). A DeepSpeed engine's loop calls
+        `engine.backward(loss)` in the block and attribute() before the engine.step() of the accumulation
+        boundary (the one that steps; DeepSpeed clips there)."""
         if not self._recorded:
             if self.config.schedule == "streaming" and targets is _UNSET:
                 raise AttributionError("schedule='streaming' takes the target pass before the training forward: "
@@ -306,6 +305,7 @@ class Attributor(Stateful):
             raise AttributionError("attribute() found no recorded micro-batch: wrap each micro-batch's forward "
                                    "in `with attr.record(sample_ids):` before its backward")
         with self._refused_leaves_nothing():
+            self.backend.check_before_step()
             if targets is _UNSET:
                 targets = self._targets
             if targets is _UNSET:

@@ -97,6 +97,10 @@ class Backend(ABC):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def check_before_step(self) -> None:  # noqa: B027  (a hook with nothing to do by default)
+        """Raise when the low-level API's attribute() is not called where the engine's next step applies the
+        gradients (DeepSpeed: the accumulation boundary)."""
+
     def after_micro_batch(self, last: bool) -> None:  # noqa: B027  (a hook with nothing to do by default)
         """Called after each micro-batch's backward (DeepSpeed counts micro-steps here)."""
 

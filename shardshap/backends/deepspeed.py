@@ -23,7 +23,8 @@ What the Attributor gets:
   by gradient_accumulation_steps and disturb ZeRO-2/3 accumulation), restricted to the owned range.
 - Micro-batches: engine.backward(loss, scale_wrt_gas=False) (the Attributor's loss already carries 1/n
   over the whole step), engine.step() after every non-final micro-batch (it only counts), and the final
-  engine.step() in optimizer_step, after attribution.
+  engine.step() in optimizer_step, after attribution. In a loop of the user's (the low-level API, HF Trainer)
+  the user's backward and steps run as they are; attribute() comes before the boundary's engine.step().
 """
 from __future__ import annotations
 
@@ -156,6 +157,13 @@ class ZeroBackend(Backend):
                         d[k] = None
         self._micro = 0
         self._micro_steps0 = self.ds.micro_steps
+
+    def check_before_step(self) -> None:
+        if not self.ds.is_gradient_accumulation_boundary():
+            raise AttributionError(
+                f"attribute() under DeepSpeed: the engine is not at its accumulation boundary (micro-step "
+                f"{self.ds.micro_steps}, gradient_accumulation_steps={self.gas}); call it after the backward of "
+                "the step's last micro-batch, before the engine.step() that steps")
 
     def backward(self, loss: torch.Tensor) -> None:
         # the Attributor's loss is already this rank's share of the step (1/n over all micro-batches):

@@ -5,11 +5,16 @@ takes each training batch's sample ids (the `sample_id` column, popped before th
 records the micro-batch; `on_pre_optimizer_step` attributes the step before Trainer's optimizer.step().
 Gradient clipping moves from Trainer to shardshap (same arithmetic, so training is unchanged) because
 Trainer clips before any callback sees the gradients and the values need the clip factor.
+
+Under DeepSpeed (`TrainingArguments(deepspeed=...)`) the engine clips and steps inside the boundary
+micro-batch's backward call, before any callback event: the callback attributes from the engine's step
+instead (wrapped for the run), and DeepSpeed keeps its clipping.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Callable, Optional
@@ -40,18 +45,24 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> Optional[torc
 
 
 def _training_engine(model: nn.Module) -> nn.Module:
-    """What trains `model`: Trainer hands callbacks its unwrapped model, but under DDP (or DeepSpeed) the wrapper
+    """What trains `model`: Trainer hands callbacks its unwrapped model, but under DDP or DeepSpeed the wrapper
     in `Trainer.model_wrapped` runs the training; found on the stack of the Trainer call in progress."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return model
     frame = inspect.currentframe()
     while frame is not None:
         trainer = frame.f_locals.get("self")
         if isinstance(trainer, Trainer):
-            return trainer.model_wrapped
+            wrapped = trainer.model_wrapped
+            return wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) or _is_deepspeed(wrapped) \
+                else model
         frame = frame.f_back
-    raise AttributionError("ShardshapCallback under several ranks must be called from Trainer.train() (it reads the "
-                           "Trainer's wrapped model)")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise AttributionError("ShardshapCallback under several ranks must be called from Trainer.train() (it reads "
+                               "the Trainer's wrapped model)")
+    return model
+
+
+def _is_deepspeed(engine) -> bool:
+    return "deepspeed" in sys.modules and isinstance(engine, sys.modules["deepspeed"].DeepSpeedEngine)
 
 
 def model_loss(model, targets: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
@@ -68,7 +79,7 @@ class ShardshapCallback(TrainerCallback):
         training set's length).
     The training dataset needs a `sample_id` column (the row's index) and TrainingArguments needs
     `remove_unused_columns=False` so that the column reaches the model's forward. One process, or several
-    under torchrun with Trainer's DDP or FSDP2 (docs/training.md).
+    under torchrun with Trainer's DDP, FSDP2 or DeepSpeed ZeRO-1/2/3 (docs/training.md).
     """
 
     def __init__(self, targets: Mapping[str, Mapping[str, torch.Tensor]], config: Optional[Config] = None, *,
@@ -83,25 +94,33 @@ class ShardshapCallback(TrainerCallback):
         self._open: Optional[ExitStack] = None  # the attributor.record() of the forward in progress
         self._rec = None  # its Recording
         self._in_target_pass = False
+        self._engine = None  # the DeepSpeed engine whose step attributes (None: on_pre_optimizer_step does)
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         engine = _training_engine(model)
+        deepspeed = _is_deepspeed(engine)
         cfg = self.config
         if args.max_grad_norm and cfg.max_grad_norm not in (None, args.max_grad_norm):
             raise AttributionError(f"TrainingArguments.max_grad_norm={args.max_grad_norm} but Config.max_grad_norm="
                                    f"{cfg.max_grad_norm}: set only one of them")
-        updates = {"max_grad_norm": args.max_grad_norm or cfg.max_grad_norm,
+        updates = {"max_grad_norm": None if deepspeed else args.max_grad_norm or cfg.max_grad_norm,
                    "target_names": cfg.target_names or list(self.targets)}
         if self.store is not None and cfg.num_samples is None:
             updates["num_samples"] = len(train_dataloader.dataset)
         cfg = dataclasses.replace(cfg, **updates)
-        self._trainer_max_grad_norm, args.max_grad_norm = args.max_grad_norm, 0.0  # shardshap clips now
+        self._trainer_max_grad_norm = args.max_grad_norm
+        if not deepspeed:
+            args.max_grad_norm = 0.0  # shardshap clips now (DeepSpeed clips in its engine, from its own config)
         device = next(model.parameters()).device
         self.targets = {k: {n: v.to(device) if torch.is_tensor(v) else v for n, v in b.items()}
                         for k, b in self.targets.items()}
-        self.attributor = Attributor(engine, getattr(optimizer, "optimizer", optimizer), None, self._target_pass, cfg,
-                                     store=self.store, run_id=self.run_id, overwrite=self.overwrite)
+        self.attributor = Attributor(engine, None if deepspeed else getattr(optimizer, "optimizer", optimizer), None,
+                                     self._target_pass, cfg, store=self.store, run_id=self.run_id,
+                                     overwrite=self.overwrite)
+        self._engine = engine if deepspeed else None
+        if deepspeed:
+            self._attribute_before_the_engine_steps(engine)
         self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        model.register_forward_hook(self._after_forward, with_kwargs=True)]
 
@@ -113,10 +132,23 @@ class ShardshapCallback(TrainerCallback):
             self._in_target_pass = False
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.last = self.attributor.attribute(self.targets)
+        if self._engine is None:  # (DeepSpeed has stepped already: see _attribute_before_the_engine_steps)
+            self.last = self.attributor.attribute(self.targets)
+
+    def _attribute_before_the_engine_steps(self, engine):
+        step = engine.step
+
+        def attributed_step(*args, **kwargs):
+            if engine.is_gradient_accumulation_boundary():
+                self.last = self.attributor.attribute(self.targets)
+            return step(*args, **kwargs)
+        engine.step = attributed_step  # (an instance attribute over the method; removed at on_train_end)
 
     def on_train_end(self, args, state, control, **kwargs):
         args.max_grad_norm = self._trainer_max_grad_norm
+        if self._engine is not None:
+            del self._engine.step
+            self._engine = None
         for h in self._hooks:
             h.remove()
         self._hooks = []

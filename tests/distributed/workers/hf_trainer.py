@@ -53,18 +53,25 @@ def main():
     ap.add_argument("--engine", default="none", choices=["none", "ddp", "fsdp", "zero1", "zero2", "zero3"])
     ap.add_argument("--checkpointing", action="store_true", help="TrainingArguments(gradient_checkpointing=True)")
     ap.add_argument("--plain", action="store_true", help="no callback (the training reference)")
+    ap.add_argument("--dtype", default="float64", help="the model's (DeepSpeed runs take float32)")
     args = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=16, n_layer=2, n_head=2,
                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                       eos_token_id=0)).double()
+                                       eos_token_id=0)).to(getattr(torch, args.dtype))
     extra = {}
     if args.engine == "fsdp":
         fsdp_on_cpu()
         extra = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"],
                                                      "reshard_after_forward": True})
+    if args.engine.startswith("zero"):
+        stage = int(args.engine[-1])
+        extra = dict(deepspeed={"zero_optimization": {"stage": stage, **(
+            {"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "train_batch_size": "auto", "steps_per_print": 10 ** 9})
     targs = TrainingArguments(output_dir=f"{args.out}.trainer", max_steps=STEPS,
                               per_device_train_batch_size=GLOBAL_MICRO // world, gradient_accumulation_steps=2,
                               learning_rate=5e-3, max_grad_norm=0.5, optim="adamw_torch", lr_scheduler_type="constant",
@@ -85,8 +92,12 @@ def main():
     trainer.train()
     if cb is not None and rank == 0:
         print(f"BACKEND {type(cb.attributor.backend).__name__}", flush=True)
-    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p
-    params = {n: full(p.detach()).numpy() for n, p in trainer.model.named_parameters()}
+    if args.engine.startswith("zero"):
+        from deepspeed.utils import safe_get_full_fp32_param
+        params = {n: safe_get_full_fp32_param(p).detach().numpy() for n, p in trainer.model.named_parameters()}
+    else:
+        full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p
+        params = {n: full(p.detach()).numpy() for n, p in trainer.model.named_parameters()}
     out = {f"ids{s}": v[0] for s, v in enumerate(values)} | {f"scores{s}": v[1] for s, v in enumerate(values)}
     np.savez(f"{args.out}.rank{rank}.npz", **params, **out)
 

@@ -100,3 +100,18 @@ def test_missing_sample_id_is_a_clear_error(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=NoIds(data()[0].ids), callbacks=[ShardshapCallback(val)])
     with pytest.raises(shardshap.AttributionError, match="remove_unused_columns=False"):
         trainer.train()
+
+
+def test_example_script_runs(tmp_path):
+    """launch/hf_trainer.py, the runnable recipe of docs/training.md, end to end in one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "launch" / "hf_trainer.py"), "--out", str(tmp_path), "--steps",
+                           "3"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = shardshap.open_scores(str(tmp_path / "run.zarr"))
+    assert scores.num_steps == 3 and (scores.count > 0).sum() == 3 * 32

@@ -11,28 +11,14 @@ import shardshap
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
+from helpers.hf_rows import Rows, rows_and_target  # noqa: E402
 from shardshap.integrations.hf import ShardshapCallback  # noqa: E402
 
 N, T, VOCAB = 24, 16, 40
 
 
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, ids):
-        self.ids = ids
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i], "sample_id": i}
-
-
 def data():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (N + 4, T), generator=g)
-    ids[:, 1::2] = (ids[:, 0::2] * 7 + 3) % VOCAB  # learnable structure
-    val = {"val": {"input_ids": ids[N:], "labels": ids[N:]}}
-    return Rows(ids[:N]), val
+    return rows_and_target(N, T, VOCAB)
 
 
 def train(tmp_path, callback, optim="adamw_torch", lr=5e-3, steps=6, checkpointing=False):

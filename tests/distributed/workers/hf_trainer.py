@@ -11,27 +11,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
 import shardshap  # noqa: E402
+from helpers.hf_rows import rows_and_target  # noqa: E402
 from shardshap.integrations.hf import ShardshapCallback  # noqa: E402
 
 N, T, VOCAB, STEPS, GLOBAL_MICRO = 48, 16, 40, 3, 8  # GLOBAL_MICRO: sequences per micro-batch over all ranks
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, ids):
-        self.ids = ids
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i], "sample_id": i}
-
-
-def data():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (N + 4, T), generator=g)
-    ids[:, 1::2] = (ids[:, 0::2] * 7 + 3) % VOCAB  # learnable structure
-    return Rows(ids[:N]), {"val": {"input_ids": ids[N:], "labels": ids[N:]}}
 
 
 def fsdp_on_cpu():
@@ -79,7 +62,7 @@ def main():
                               remove_unused_columns=False, use_cpu=True, seed=0, dataloader_num_workers=0,
                               train_sampling_strategy="sequential", gradient_checkpointing=args.checkpointing,
                               ddp_backend="gloo" if world > 1 else None, **extra)
-    train_set, val = data()
+    train_set, val = rows_and_target(N, T, VOCAB)
     values = []
 
     class Keep(ShardshapCallback):

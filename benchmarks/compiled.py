@@ -52,8 +52,9 @@ def main():
           f"frames {dict(c['frames'])}")
     for mode in ("eager", "compiled"):  # the same steps with and without attribution
         plain, attributed = runners[f"plain {mode}"].model, runners[f"attributed {mode}"].model
-        diff = max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(attributed.parameters(),
-                                                                               plain.parameters()))
+        with torch.no_grad():
+            diff = max(float((p - q).abs().max() / q.abs().max()) for p, q in zip(attributed.parameters(),
+                                                                                   plain.parameters()))
         same = all(torch.equal(p, q) for p, q in zip(attributed.parameters(), plain.parameters()))
         print(f"parameters after {args.rounds + args.warmup} steps, attributed vs plain {mode}: "
               f"{'bit-identical' if same else f'max relative difference {diff:.1e}'}")

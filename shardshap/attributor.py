@@ -250,9 +250,10 @@ class Attributor(Stateful):
         if ids[0].dim() == 1:
             return float(sum(len(i) for i in ids))
         local = torch.tensor([sum(int(_counted(i).sum()) for i in ids)], dtype=torch.int64)
-        if local.item() == 0:
+        total = float(self.backend.all_reduce_sum(local).item())  # (every rank raises together below)
+        if total == 0:
             raise AttributionError("per-position sample_ids are -1 everywhere in the step: no position counts")
-        return float(self.backend.all_reduce_sum(local).item()) / self.backend.dp_size
+        return total / self.backend.dp_size
 
     # ------------------------------------------------------------------ low-level API (user-owned loops)
     @contextmanager

@@ -129,9 +129,7 @@ class Players:
             if bool((ids < -1).any()):
                 raise AttributionError("per-position sample_ids must be ids >= 0, or -1 for positions that do not "
                                        f"count; got {ids[ids < -1][:5].tolist()}")
-            distinct, local = torch.unique(ids[ids >= 0], return_inverse=True)
-            if len(distinct) == 0:
-                raise AttributionError("a micro-batch's per-position sample_ids are all -1: no position counts")
+            distinct, local = torch.unique(ids[ids >= 0], return_inverse=True)  # (none: a micro-batch of padding)
             local_map = torch.full(ids.shape, -1, dtype=torch.int64)
             local_map[ids >= 0] = local
             fresh = [int(i) for i in distinct.tolist() if int(i) not in self._row]

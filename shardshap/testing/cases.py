@@ -49,7 +49,7 @@ def digits_mlp(batch_size=10, seed=0, dtype=torch.float64, hidden=32, n_targets=
     return Case("mlp-digits", model, train_loss, target_loss, batches, None)
 
 
-def _lm_losses(model, ids, mask):
+def lm_losses(model, ids, mask):
     """Per-sequence mean next-token loss over real (unmasked) positions."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     tgt = ids[:, 1:]
@@ -70,11 +70,11 @@ def _lm_case(name, model, vocab, T, batch_size, seed, n_targets, pad_some=True):
 
     def train_loss(m, b):
         ids, mask = b
-        return _lm_losses(m, ids, mask)
+        return lm_losses(m, ids, mask)
 
     def target_loss(m, _t):
         mask = torch.ones_like(val)
-        per = _lm_losses(m, val, mask)
+        per = lm_losses(m, val, mask)
         return per.view(n_targets, -1).mean(1)
 
     def batches(step):
@@ -153,7 +153,7 @@ def packed_lm(family="gpt2", rows=4, seed=0, dtype=torch.float64, T=12, vocab=48
             ids.shape[0], -1)
 
     def target_loss(m, _t):
-        return _lm_losses(m, val, torch.ones_like(val)).view(n_targets, -1).mean(1)
+        return lm_losses(m, val, torch.ones_like(val)).view(n_targets, -1).mean(1)
 
     def batches(step):
         idx = (step * rows + torch.arange(rows)) % len(stream)

@@ -133,6 +133,12 @@ class _Tap(torch.autograd.Function):
         return grad, None, None
 
 
+def exact_math(device: torch.device):
+    """Autocast off: attribution's own products and per-sample gradients keep the dtype they are given, also when
+    the user's training step runs under torch.autocast (matmuls would otherwise round to bf16)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _lowest(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """The less precise of two float dtypes."""
     return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
@@ -309,6 +315,10 @@ class Capture:
         """The backward reached one call of `am`: its input `a` and output gradient `e` are hot."""
         if self._muted:  # the batch-first probe's backward
             return
+        with exact_math(e.device):  # (a backward inside the user's autocast runs under it)
+            self._take(am, micro, a, e)
+
+    def _take(self, am: AttributedModule, micro: int, a: torch.Tensor, e: torch.Tensor) -> None:
         self._seen[am.name] = _lowest(e.dtype, self._seen.get(am.name, e.dtype))  # (autocast, mixed precision)
         low = self._low_dtype(am)
         grads = None

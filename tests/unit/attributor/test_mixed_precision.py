@@ -40,3 +40,40 @@ def test_bf16_autocast_values_follow_float32_and_training_is_unchanged():
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
         plain_opt.step()
     assert_same(model, opt, plain, plain_opt)
+
+
+def test_a_step_inside_autocast_keeps_attributions_math_exact():
+    """`with torch.autocast(...): attr.step(...)`: the backward and attribution's own matmuls run inside the user's
+    autocast. The products must not round to bf16 there (they did: the completeness check refused the step on a
+    64-wide GPT-2); the values follow those of the same autocast forwards with the backward outside it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=64, n_embd=64, n_layer=2, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+    g = torch.Generator().manual_seed(0)
+    batch, held = torch.randint(0, 512, (16, 64), generator=g), torch.randint(0, 512, (2, 64), generator=g)
+
+    def loss(m, ids):
+        logits = m(input_ids=ids).logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(),
+                                                 reduction="none").view(len(ids), -1).mean(1)
+
+    def inner(fn):  # autocast inside the losses only
+        def wrapped(m, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(m, x)
+        return wrapped
+
+    target = lambda m, t: loss(m, t)  # noqa: E731  (two targets: one per held-out sequence)
+    out = {}
+    for name in ("outer", "inner"):
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        fns = (loss, target) if name == "outer" else (inner(loss), inner(target))
+        attr = shardshap.Attributor(model, opt, *fns, shardshap.Config(cold_steps=0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "outer"):
+            out[name] = attr.step(batch, torch.arange(16), held).scores
+    for k in range(2):  # (the backward itself runs under the outer autocast: rounding differs, the game not)
+        R = torch.corrcoef(torch.stack([out["outer"][:, k], out["inner"][:, k]]))[0, 1]
+        print(f"target {k}: R outer vs inner autocast {R:.6f}")
+        assert R > 0.999, R

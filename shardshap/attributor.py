@@ -190,7 +190,6 @@ class Attributor(Stateful):
         self._bases: Optional[dict] = None  # stream_predictor='subspace': id -> Basis from the last step's W
         self._warned_subspace = False
         self._probed = False  # the first step of step() checked that every module is batch-first
-        self._autocast = None  # (enabled, dtype) of the user's autocast while _attribute_recorded runs
 
     # ------------------------------------------------------------------ public API
     def step(self, batch, sample_ids, targets) -> StepResult:
@@ -389,13 +388,8 @@ class Attributor(Stateful):
 
     # ------------------------------------------------------------------ internals
     def _attribute_recorded(self, targets, grad_norm) -> StepResult:
-        # attribution's math runs without the user's autocast (exact_math); the target pass keeps it
-        self._autocast = (torch.is_autocast_enabled(self._device.type), torch.get_autocast_dtype(self._device.type))
-        try:
-            with exact_math(self._device):
-                return self._attribute_or_discard(targets, grad_norm)
-        finally:
-            self._autocast = None
+        with exact_math(self._device):  # attribution's math runs without the user's autocast
+            return self._attribute_or_discard(targets, grad_norm)
 
     def _attribute_or_discard(self, targets, grad_norm) -> StepResult:
         try:
@@ -500,11 +494,8 @@ class Attributor(Stateful):
         return _GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype), target_loss
 
     def _target_pass(self, targets, shards, frozen):
-        # the user's autocast, as in training (inside _attribute_recorded it is switched off for our math)
-        users = nullcontext() if self._autocast is None else torch.autocast(
-            self._device.type, dtype=self._autocast[1], enabled=self._autocast[0])
         with record_function("shardshap.target"), self.capture.paused(), \
-                target_mode(self.module, self.config.target_mode), users:
+                target_mode(self.module, self.config.target_mode):
             return target_gradients(
                 self.backend, lambda: evaluate_targets(self.target_loss, self.module, targets, self.config,
                                                        self._device),

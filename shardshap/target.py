@@ -43,6 +43,8 @@ def _checkpointed_without_own_dropout(m: torch.nn.Module) -> bool:
 def evaluate_targets(target_loss, module, targets, config, device: torch.device) -> torch.Tensor:
     """target_loss(module, targets) as a [K] tensor, validated; under bf16 autocast with Config.target_dtype.
     (The caller holds `target_mode` around this and the backward: a checkpoint recomputes in the same modes.)"""
+    # casts cached by an enclosing autocast (the user's) hold the parameters before the midpoint shift
+    torch.clear_autocast_cache()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.target_dtype is not None):
         value = target_loss(module, targets)
     if not torch.is_tensor(value) or value.dim() > 1 or value.numel() == 0:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -135,8 +135,10 @@ class _Tap(torch.autograd.Function):
 
 def exact_math(device: torch.device):
     """Autocast off: attribution's own products and per-sample gradients keep the dtype they are given, also when
-    the user's training step runs under torch.autocast (matmuls would otherwise round to bf16)."""
-    return torch.autocast(device.type, enabled=False)
+    the user's training step runs under torch.autocast (matmuls would otherwise round to bf16). Nothing is
+    entered when autocast is off already (an autocast context, even a disabled one, keeps its weight-cast
+    cache alive across the target passes inside it)."""
+    return torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else nullcontext()
 
 
 def _lowest(a: torch.dtype, b: torch.dtype) -> torch.dtype:

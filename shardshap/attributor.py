@@ -25,7 +25,7 @@ from . import __version__, estimators
 from ._hardware import warn_if_bf16_is_emulated
 from .backends import detect
 from .checks import check_completeness, check_ids, check_loss
-from .compiled import compile_ready, donation_explained, is_compiled, uncompiled
+from .compiled import compile_ready, is_compiled, uncompiled
 from .config import Config
 from .errors import AttributionError, ConfigError, ShardshapError, StoreError
 from .estimators.owen import is_cold, owen_cold_start
@@ -203,7 +203,7 @@ class Attributor(Stateful):
         backend.zero_grad(opt)
         written = False
         try:
-            with compile_ready(self._compiled), donation_explained():
+            with compile_ready(self._compiled):
                 micro, ids = _micro_batches(batch, sample_ids)
                 per_position = ids[0].dim() == 2
                 c = 1.0 / self._loss_count(ids) if self.config.reduction == "mean" else 1.0
@@ -271,7 +271,7 @@ class Attributor(Stateful):
                 raise AttributionError("schedule='streaming' takes the target pass before the training forward: "
                                        "pass the targets to the first record() of each step, "
                                        "`attr.record(ids, targets=...)`")
-            with self._refused_leaves_nothing(), compile_ready(self._compiled), donation_explained():
+            with self._refused_leaves_nothing(), compile_ready(self._compiled):
                 self._begin_step(targets)
         with self._record(sample_ids) as rec:
             yield rec
@@ -288,7 +288,7 @@ class Attributor(Stateful):
                           self.config.num_samples, per_position=rec.sample_ids.dim() == 2)
             self._recorded.append(rec)
             with self.capture.recording(rec.sample_ids, len(self._recorded) - 1), \
-                    compile_ready(self._compiled), donation_explained():
+                    compile_ready(self._compiled):
                 yield rec
         except BaseException:
             self._discard()
@@ -317,7 +317,7 @@ class Attributor(Stateful):
                 raise AttributionError("schedule='streaming' took this step's target pass with the targets given "
                                        "to record(); call attribute() without targets (or with the same object)")
             self._check_store_fits(self.capture.players.n)
-            with compile_ready(self._compiled), donation_explained():
+            with compile_ready(self._compiled):
                 result = self._attribute_recorded(targets, grad_norm)
             result.metadata["seconds"] = time.perf_counter() - t0
             self._write(result)

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -32,19 +32,17 @@ def uncompiled(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module) if is_compiled(module) else module
 
 
-def compile_ready(compiled: bool):
-    """Context for attribution's forward and backward passes on a compiled model (see the module docstring)."""
-    if not compiled:
-        return nullcontext()
-    import torch._functorch.config as functorch_config
-    return functorch_config.patch(donated_buffer=False)
-
-
 @contextmanager
-def donation_explained():
-    """torch's error for a graph compiled with donated buffers before the Attributor saw it, with the fix."""
-    try:
+def compile_ready(compiled: bool):
+    """Context for attribution's forward and backward passes (see the module docstring): on a compiled model,
+    graphs compiled inside keep their buffers, and torch's error for one compiled outside names the fix."""
+    if not compiled:
         yield
+        return
+    import torch._functorch.config as functorch_config
+    try:
+        with functorch_config.patch(donated_buffer=False):
+            yield
     except RuntimeError as err:
         if "donated buffers" not in str(err):
             raise

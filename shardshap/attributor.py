@@ -483,9 +483,8 @@ class Attributor(Stateful):
             predictor, self.update_rule, sh, self._previous_grad.get(pid), dtype))
             for pid, sh in shards.items()}
         with record_function("shardshap.freeze"):
-            frozen = {pid: self.estimator.freeze(self.update_rule, sh, 1.0, dtype, order=cfg.order,
-                                                 compiled=cfg.compile_math)
-                      for pid, sh in shards.items()}
+            frozen = self.estimator.freeze_all(self.update_rule, shards, 1.0, dtype, order=cfg.order,
+                                               compiled=cfg.compile_math)
         h, target_loss = self._target_pass(targets, shards, frozen)
         K = target_loss.numel()
         attributed = list(self.plan.params.values())
@@ -524,9 +523,8 @@ class Attributor(Stateful):
         if self._stream is not None and not sketched:
             return self._attribute_streamed(sample_ids, sample_loss, shards, clip)
         with record_function("shardshap.freeze"):
-            frozen = {pid: self.estimator.freeze(self.update_rule, sh, clip, dtype, order=cfg.order,
-                                                 compiled=cfg.compile_math)
-                      for pid, sh in shards.items()}
+            frozen = self.estimator.freeze_all(self.update_rule, shards, clip, dtype, order=cfg.order,
+                                               compiled=cfg.compile_math)
         attributed = list(self.plan.params.values())
         h, target_loss = self._target_pass(targets, shards, frozen)
         K = target_loss.numel()

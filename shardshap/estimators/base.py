@@ -42,6 +42,13 @@ class Estimator(ABC):
         """M (and the order-2 shift) for one parameter's owned elements. `shard.grad` is the clipped
         gradient the optimizer is about to receive; `compiled`: Config.compile_math."""
 
+    def freeze_all(self, update_rule, shards: dict, clip_factor: float, dtype: torch.dtype, *, order: int,
+                   compiled: bool = False) -> dict[int, Frozen]:
+        """`freeze` for every parameter of a step ({id: OwnedSlice} -> {id: Frozen}); an estimator may do
+        them all at once (a few foreach kernels instead of a loop of small ones per parameter)."""
+        return {pid: self.freeze(update_rule, sh, clip_factor, dtype, order=order, compiled=compiled)
+                for pid, sh in shards.items()}
+
 
 ESTIMATORS: dict[str, Estimator] = {}
 

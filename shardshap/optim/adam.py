@@ -30,6 +30,34 @@ def adamw_secant(g, m, v, theta, lr, b1, b2, eps, wd, bc1, bc2, sign):
     return d0, slope
 
 
+def adamw_secant_foreach(g, m, v, theta, hyper):
+    """`adamw_secant` over lists of flat tensors at once (`hyper`: one (lr, b1, b2, eps, wd, bc1, bc2, sign)
+    per tensor), in about 17 foreach kernels for all of them instead of 15 kernels per parameter. Returns the
+    lists (D(0), slope)."""
+    lr, b1, b2, eps, wd, bc1, bc2, sign = (list(x) for x in zip(*hyper))
+    r0_sq = torch._foreach_mul(v, [b / c for b, c in zip(b2, bc2)])
+    a1 = torch._foreach_addcmul(r0_sq, g, g, [(1 - b) / c for b, c in zip(b2, bc2)])
+    torch._foreach_sqrt_(a1)
+    torch._foreach_sqrt_(r0_sq)
+    a0 = r0_sq
+    rsum = torch._foreach_add(a0, a1)
+    torch._foreach_clamp_min_(rsum, torch.finfo(g[0].dtype).tiny)
+    q = torch._foreach_div(g, rsum)
+    torch._foreach_add_(a0, eps)
+    torch._foreach_add_(a1, eps)
+    p = torch._foreach_div(m, a0)
+    d0 = torch._foreach_mul(p, [-lr_ * b1_ / c for lr_, b1_, c in zip(lr, b1, bc1)])
+    decayed = [i for i, w in enumerate(wd) if w != 0]
+    if decayed:
+        torch._foreach_add_([d0[i] for i in decayed],
+                        torch._foreach_mul([theta[i] for i in decayed], [-lr[i] * wd[i] for i in decayed]))
+    torch._foreach_mul_(p, q)
+    torch._foreach_mul_(p, [lr_ * b1_ * (1 - b2_) / (c1 * c2) for lr_, b1_, b2_, c1, c2 in zip(lr, b1, b2, bc1, bc2)])
+    torch._foreach_sub_(p, [lr_ * s * (1 - b1_) / c1 for lr_, s, b1_, c1 in zip(lr, sign, b1, bc1)])
+    torch._foreach_div_(p, a1)
+    return d0, p
+
+
 def _adamw_secant_functional(g, m, v, theta, hyper):
     """`adamw_secant` without in-place ops and with the hyperparameters in one tensor, for torch.compile:
     inductor mis-compiles the in-place form under dynamic shapes (tests/unit/optim catch it against the real
@@ -159,20 +187,47 @@ class AdamRule(UpdateRule):
         slope = -lr * sign * ((1 - b1) / (bc1 * a1) - curve)
         return StepMap(d0=d0, slope=slope)
 
+    def step_maps(self, shards, dtype, compiled=False) -> list[StepMap]:
+        """The common case (AdamW or no weight decay, no amsgrad) of every parameter at once, by
+        `adamw_secant_foreach`; compiled (Config.compile_math) and other cases per parameter."""
+        maps: list = [None] * len(shards)
+        fused = []
+        for i, sh in enumerate(shards):
+            lr, b1, b2, eps, wd, t, decoupled = self._hyper(sh.value, sh.group, sh.state)
+            if compiled or not (decoupled or wd == 0) or sh.group.get("amsgrad", False):
+                maps[i] = self.step_map(sh.value, sh.grad, sh.group, sh.state, dtype, compiled)
+            else:
+                sign = -1.0 if sh.group.get("maximize", False) else 1.0
+                fused.append((i, (lr, b1, b2, eps, wd if decoupled else 0.0, 1 - b1 ** t, 1 - b2 ** t, sign)))
+        if fused:
+            flat = [self._flat_state(shards[i].value, shards[i].grad, shards[i].state, dtype) for i, _ in fused]
+            d0, slope = adamw_secant_foreach(*map(list, zip(*flat)), [hyper for _, hyper in fused])
+            for (i, _), d, s in zip(fused, d0, slope):
+                shape = shards[i].grad.shape
+                maps[i] = StepMap(d0=d.view(shape), slope=s.view(shape))
+        return maps
+
+    @staticmethod
+    def _flat_state(param, grad, state, dtype):
+        """(g, m, v, theta), flat, in `dtype` (m = v = 0 before the first step)."""
+        g = grad.detach().to(dtype).reshape(-1)
+        if "exp_avg" not in state:
+            m = v = torch.zeros_like(g)
+        else:
+            m = state["exp_avg"].detach().to(dtype).reshape(-1)
+            v = state["exp_avg_sq"].detach().to(dtype).reshape(-1)
+        return g, m, v, param.detach().to(dtype).reshape(-1)
+
     def _step_map_fused(self, param, grad, group, state, dtype, hyper, compiled) -> StepMap:
         """step_map's closed-form secant for the common case (AdamW or no weight decay, no amsgrad: the
         optimizer input at G = 0 is 0), by `adamw_secant`."""
         lr, b1, b2, eps, wd, t, decoupled = hyper
         sign = -1.0 if group.get("maximize", False) else 1.0
-        g = grad.detach().to(dtype)
-        if "exp_avg" not in state:  # before the first step m = v = 0
-            m = v = torch.zeros_like(g)
-        else:
-            m, v = state["exp_avg"].detach().to(dtype), state["exp_avg_sq"].detach().to(dtype)
-        args = (g.reshape(-1), m.reshape(-1), v.reshape(-1), param.detach().to(dtype).reshape(-1),
+        args = (*self._flat_state(param, grad, state, dtype),
                 lr, b1, b2, eps, wd if decoupled else 0.0, 1 - b1 ** t, 1 - b2 ** t, sign)
         d0, slope, shift = compiled_adamw_secant()(*args) if compiled else (*adamw_secant(*args), None)
-        return StepMap(d0=d0.view_as(g), slope=slope.view_as(g), shift=None if shift is None else shift.view_as(g))
+        shape = grad.shape
+        return StepMap(d0=d0.view(shape), slope=slope.view(shape), shift=None if shift is None else shift.view(shape))
 
     def lagged_scale(self, param, group, state, dtype) -> torch.Tensor:
         lr, b1, b2, eps, wd, t, decoupled = self._hyper(param, group, state)

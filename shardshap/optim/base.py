@@ -54,6 +54,10 @@ class UpdateRule:
         kernel where it has one (Config.compile_math)."""
         raise NotImplementedError
 
+    def step_maps(self, shards: list, dtype, compiled: bool = False) -> list[StepMap]:
+        """`step_map` of every OwnedSlice in `shards` (at its gradient); a rule may take them all at once."""
+        return [self.step_map(sh.value, sh.grad, sh.group, sh.state, dtype, compiled) for sh in shards]
+
     def step_number(self, state) -> int | None:
         """1-based index of the step about to be taken, for optimizers whose map depends on it."""
         return None

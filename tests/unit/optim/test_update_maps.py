@@ -100,3 +100,27 @@ def test_compiled_kernel_falls_back_to_eager(monkeypatch):
         torch.testing.assert_close(step.displacement(g), real_displacement(p, opt, g), rtol=1e-10, atol=1e-15)
     finally:
         adam.compiled_adamw_secant.cache_clear()  # the next user compiles for real
+
+
+@pytest.mark.parametrize("warm_steps", [0, 5])
+def test_step_maps_of_many_parameters_are_their_real_steps(warm_steps):
+    """`step_maps` takes a step's parameters at once (foreach kernels for the common Adam case): across
+    parameter groups with other hyperparameters, amsgrad and L2 decay among them, each map is the real step."""
+    from shardshap.backends import OwnedSlice
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64)) for n in (64, 7, 33, 5)]
+    opt = torch.optim.Adam([{"params": params[:2], "lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True},
+                            {"params": params[2:3], "lr": 3e-3, "betas": (0.8, 0.9), "maximize": True},
+                            {"params": params[3:], "lr": 1e-2, "weight_decay": 0.05, "amsgrad": True}])
+    for _ in range(warm_steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        opt.step()
+    grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) * 1e-2 for p in params]
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    shards = [OwnedSlice(p, p.detach(), g, opt.state.get(p, {}), group_of[id(p)]) for p, g in zip(params, grads)]
+    maps = update_rule_for(opt).step_maps(shards, torch.float64)
+    for p, g, step in zip(params, grads, maps):
+        real, real0 = real_displacement(p, opt, g), real_displacement(p, opt, torch.zeros_like(g))
+        torch.testing.assert_close(step.displacement(g), real, rtol=1e-10, atol=1e-15)
+        torch.testing.assert_close(step.displacement(torch.zeros_like(g)), real0, rtol=1e-10, atol=1e-15)

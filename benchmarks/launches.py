@@ -3,10 +3,11 @@
 On a GPU every op that is not a metadata-only view launches at least one kernel, so the op count of a step
 predicts where a launch-bound GPU spends its time; a sync (`.item()`, `float(t)`, `.tolist()`) stalls the
 host. A TorchDispatchMode counts every op of one warm step except views (`OpOverload.is_view`: view,
-detach, slice, expand, transpose, ...), and counts `aten._local_scalar_dense` (what every host read of a
-tensor value dispatches) as a sync, except reads of the optimizer's step counters (CPU scalars on a GPU
-too). Workload: HF GPT-2 (d 128, T 64, batch 8, one target, AdamW with clipping, `foreach=True` as on a
-GPU), at two depths.
+detach, slice, expand, transpose, ...), profiler markers and bare allocations (`empty*`), and counts as a
+sync `aten._local_scalar_dense` (what every host read of a tensor value dispatches), except reads of the
+optimizer's step counters (CPU scalars on a GPU too), and `tolist()` of floating-point tensors.
+A foreach op counts once: on a GPU it launches one kernel per chunk of many tensors. Workload: HF GPT-2
+(d 128, T 64, batch 8, one target, AdamW with clipping, `foreach=True` as on a GPU), at two depths.
 
     python benchmarks/launches.py                  # 4 and 8 layers, plain / exact / fast / streaming
     python benchmarks/launches.py --layers 8 --configs exact,streaming
@@ -31,21 +32,40 @@ CONFIGS = {
     "streaming + fast": dict(schedule="streaming", preset="fast"),
 }
 SYNC_OPS = {"_local_scalar_dense"}
+# dispatched, but no kernel: profiler markers (no-ops without a profiler) and allocations without a fill
+NO_KERNEL = {"_record_function_enter_new", "_record_function_exit", "empty", "empty_like", "empty_strided",
+             "new_empty", "new_empty_strided"}
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts dispatched aten ops by name, views excluded, and host syncs."""
+    """Counts dispatched aten ops by name (views and NO_KERNEL excluded) and host syncs: every read of a
+    tensor's value (`_local_scalar_dense`) but of the optimizer's step counters, and every `tolist()` of a
+    floating-point tensor (tolist dispatches nothing on CPU; integer ids live on the host on a GPU too)."""
 
     def __init__(self, host_scalars=()):
         super().__init__()
         self.ops, self.syncs = Counter(), 0
         self.host_scalars = {id(t) for t in host_scalars}  # tensors that live on the host on a GPU too
+        self._tolist = torch.Tensor.tolist
+
+    def __enter__(self):
+        counter, tolist = self, self._tolist
+
+        def counted_tolist(t):
+            counter.syncs += t.is_floating_point()
+            return tolist(t)
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in SYNC_OPS:
             self.syncs += id(args[0]) not in self.host_scalars
-        elif not func.is_view:
+        elif not func.is_view and name not in NO_KERNEL:
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 

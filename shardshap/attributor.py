@@ -488,8 +488,7 @@ class Attributor(Stateful):
         h, target_loss = self._target_pass(targets, shards, frozen)
         K = target_loss.numel()
         attributed = list(self.plan.params.values())
-        owned = {id(p): frozen[id(p)].multiplier.unsqueeze(0) * hp if id(p) in shards and hp is not None else None
-                 for p, hp in zip(attributed, h)}
+        owned = _times_multiplier(frozen, attributed, h, shards)
         return _GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype), target_loss
 
     def _target_pass(self, targets, shards, frozen):
@@ -536,10 +535,7 @@ class Attributor(Stateful):
                 with record_function("shardshap.cold_start"):
                     offset = owen_cold_start(backend, self.capture, self.update_rule, shards, frozen, cold,
                                              clip, dtype)
-        owned = {}  # W on this rank's elements: [K, owned numel] (None: not moved, or no target uses it)
-        for p, hp in zip(attributed, h):
-            moved = id(p) in shards and hp is not None
-            owned[id(p)] = frozen[id(p)].multiplier.unsqueeze(0) * hp if moved else None
+        owned = _times_multiplier(frozen, attributed, h, shards)
         W = _GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype)
         if (cfg.product_rank is not None and not sketched) or not backend.partitioned:
             W = {pid: W[pid] for pid in owned}  # low rank factorises every layer up front: materialise
@@ -549,14 +545,13 @@ class Attributor(Stateful):
             else:
                 products = self.capture.products(W, dtype, rank=cfg.product_rank, num_targets=K)
         per_param = products.per_param
-        if backend.distributed:  # the engines average gradients: each sample's share of the global gradient
-            per_param = {name: v / backend.dp_size for name, v in per_param.items()}
+        stacked = self._stacked(per_param)
         if cfg.check_completeness:
             with record_function("shardshap.completeness"):
-                check_completeness(backend, self.plan, per_param,
+                check_completeness(backend, self.plan, per_param, stacked,
                                    products.W if isinstance(W, dict) or sketched else None,
                                    owned, shards, clip, dtype, self.capture.precision())
-        scores = torch.stack(list(per_param.values())).sum(0)
+        scores = stacked.sum(0)
         metadata = {"schedule": "cached", "cold_start": offset is not None,
                     "bytes_sent": backend.bytes_sent - bytes_before}
         if sketched:  # (never an Owen-cold step: those run cached)
@@ -568,6 +563,12 @@ class Attributor(Stateful):
         if offset is not None:
             scores = scores + offset
         return self._result(scores, sample_ids, sample_loss, target_loss, clip, products.lowrank, **metadata)
+
+    def _stacked(self, per_param: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[params, players, K]: the products in per_param's order, as each sample's share of the global gradient
+        (the engines average gradients over the data-parallel ranks)."""
+        stacked = torch.stack(list(per_param.values()))
+        return stacked / self.backend.dp_size if self.backend.distributed else stacked
 
     def _outside_subspace(self, shards, owned, projected, clip, K: int) -> torch.Tensor:
         """Per-sample offset [K] that shares the part of <G, W> outside the sketches' subspace,
@@ -587,14 +588,13 @@ class Attributor(Stateful):
         backend, stream = self.backend, self._stream
         bytes_before = backend.bytes_sent
         per_param = self.capture.streamed()  # <c g_i, W> with W frozen at clip factor 1
-        if backend.distributed:  # the engines average gradients: each sample's share of the global gradient
-            per_param = {name: v / backend.dp_size for name, v in per_param.items()}
+        stacked = self._stacked(per_param)
         if self.config.check_completeness:
             with record_function("shardshap.completeness"):
                 # <clipped gradient, W> / clip: the unclipped batch gradient, as the products use it
-                check_completeness(backend, self.plan, per_param, stream.W, None, shards, clip, self.dtype,
+                check_completeness(backend, self.plan, per_param, stacked, stream.W, None, shards, clip, self.dtype,
                                    self.capture.precision())
-        scores = torch.stack(list(per_param.values())).sum(0) * clip
+        scores = stacked.sum(0) * clip
         return self._result(scores, sample_ids, sample_loss, stream.target_loss, clip, stream.lowrank,
                             bytes_sent=stream.bytes_sent + backend.bytes_sent - bytes_before, cold_start=False,
                             schedule="streaming")
@@ -695,6 +695,17 @@ class Attributor(Stateful):
                 lr=result.lr, loss=float(result.loss), target_losses=result.target_loss.cpu().numpy(),
                 wall_time=result.metadata["seconds"])
         return True
+
+
+def _times_multiplier(frozen, attributed, h, shards) -> dict:
+    """W = M * h on this rank's elements: id(param) -> [K, owned numel], or None where the parameter did not
+    move or no target depends on it (one foreach kernel for all parameters)."""
+    moved = [(p, hp) for p, hp in zip(attributed, h) if id(p) in shards and hp is not None]
+    owned = {id(p): None for p in attributed}
+    if moved:
+        W = torch._foreach_mul([frozen[id(p)].multiplier.unsqueeze(0) for p, _ in moved], [hp for _, hp in moved])
+        owned.update({id(p): w for (p, _), w in zip(moved, W)})
+    return owned
 
 
 def _name_the_culprit(err: BaseException) -> None:

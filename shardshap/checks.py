@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .errors import AttributionError
+from .foreach import dots
 
 
 def check_loss(per_sample, ids: torch.Tensor, j: int) -> None:
@@ -56,28 +57,33 @@ TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
 LOW_PRECISION_TOLERANCE = 5e-2  # bf16 / fp16 (measured: up to 1.7e-2 for FSDP2 bf16 norm layers)
 
 
-def check_completeness(backend, plan, per_param, W, owned, shards, clip, dtype,
-                       precision: dict[str, torch.dtype]) -> None:
+def check_completeness(backend, plan, per_param: dict[str, torch.Tensor], stacked: torch.Tensor, W, owned, shards,
+                       clip, dtype, precision: dict[str, torch.dtype]) -> None:
     """The per-sample products of each parameter add up to <batch gradient, W> (over all ranks).
 
-    `W`: the full vectors the products used (low rank may have replaced them), or None when they were
-    gathered on demand, in which case the owned elements `owned` are exactly them. `precision`: per
-    parameter name, the lowest float dtype its gradient or products were computed in (Capture.precision)."""
-    names = [n for n, p in plan.params.items() if id(p) in shards]
+    `per_param` names the rows of `stacked` ([params, players, K], the products). `W`: the full vectors the
+    products used (low rank may have replaced them), or None when they were gathered on demand, in which
+    case the owned elements `owned` are exactly them. `precision`: per parameter name, the lowest float
+    dtype its gradient or products were computed in (Capture.precision). A few kernels for all parameters,
+    and one read of the result on the host."""
+    rows = [i for i, n in enumerate(per_param) if id(plan.params[n]) in shards]
+    if not rows:  # no parameter moved this step: nothing to add up
+        return
+    names = [list(per_param)[i] for i in rows]
+    params = [plan.params[n] for n in names]
+    moved = stacked if len(rows) == len(per_param) else stacked[rows]
     # [params, 2, K]: per-sample sums and sums of magnitudes, added over ranks in one collective
-    sums = backend.all_reduce_sum(torch.stack(
-        [torch.stack([per_param[n].sum(0), per_param[n].abs().sum(0)]) for n in names]))
-
-    def expected(p):  # [2, K]: <batch gradient, W> on owned elements, and its rounding scale
-        w = owned[id(p)] if W is None else backend.owned(shards[id(p)], W[id(p)], lead=1)  # a view
-        g = shards[id(p)].grad.to(dtype)
-        # a bf16/fp16 batch gradient is rounded per coordinate: where <g, W> cancels across coordinates
-        # its error scales with sum_j |g_j W_j|, not with the per-sample magnitudes
-        low = p.dtype not in (torch.float32, torch.float64)
-        rounding = torch.linalg.vecdot(w.abs(), g.abs()) if low else torch.zeros(w.shape[0], dtype=w.dtype,
-                                                                                  device=w.device)
-        return torch.stack([torch.linalg.vecdot(w, g), rounding]) / clip
-    exp_and_rounding = backend.reduce_partial(torch.stack([expected(plan.params[n]) for n in names]))
+    sums = backend.all_reduce_sum(torch.stack([moved.sum(1), moved.abs().sum(1)], 1))
+    w = [owned[id(p)] if W is None else backend.owned(shards[id(p)], W[id(p)], lead=1) for p in params]
+    g = [shards[id(p)].grad.to(dtype) for p in params]
+    expected = dots(w, g)  # <batch gradient, W> on owned elements
+    # a bf16/fp16 batch gradient is rounded per coordinate: where <g, W> cancels across coordinates its
+    # error scales with sum_j |g_j W_j|, not with the per-sample magnitudes
+    rounding = torch.zeros_like(expected)
+    low = [i for i, p in enumerate(params) if p.dtype not in (torch.float32, torch.float64)]
+    if low:
+        rounding[low] = dots(torch._foreach_abs([w[i] for i in low]), torch._foreach_abs([g[i] for i in low]))
+    exp_and_rounding = backend.reduce_partial(torch.stack([expected, rounding], 1) / clip)
     (ghost, magnitude), (exp, rounding) = sums.unbind(1), exp_and_rounding.unbind(1)  # each [params, K]
     tol = [TOLERANCE.get(precision[n], LOW_PRECISION_TOLERANCE) for n in names]
     rel = ((ghost - exp).abs() / (magnitude + exp.abs() + rounding + 1e-30)).amax(1).tolist()  # one host sync

@@ -166,16 +166,19 @@ class Backend(ABC):
         if shifts is None:
             yield
             return
-        saved = {pid: sh.value.clone() for pid, sh in shards.items()}
+        values = [sh.value for sh in shards.values()]
+        if not values:
+            yield
+            return
+        with torch.no_grad():  # (foreach: a few kernels for all parameters, not one per parameter)
+            saved = torch._foreach_clone(values)
         try:
             with torch.no_grad():
-                for pid, sh in shards.items():
-                    sh.value.add_(shifts[pid].to(sh.value.dtype))
+                torch._foreach_add_(values, [shifts[pid].to(v.dtype) for pid, v in zip(shards, values)])
             yield
         finally:
             with torch.no_grad():
-                for pid, sh in shards.items():
-                    sh.value.copy_(saved[pid])
+                torch._foreach_copy_(values, saved)
 
     # ---------------------------------------------------------------- communication
     def _run(self, name: str, tensor: torch.Tensor, collective, sends: bool = True):

@@ -185,6 +185,64 @@ def _call_grads(am: AttributedModule, a, e, names: list[str], mp: MicroPlayers) 
     return _per_player(mp, lambda a_, e_: am.rule.per_sample_grads(am.module, a_, e_, names), a, e, numel)
 
 
+class _Job(NamedTuple):
+    """One module call's products to take: its captures, the module's W (by local name) and the dtype."""
+    am: AttributedModule
+    call: _Call
+    Wm: dict
+    work: torch.dtype
+
+
+GROUP_NUMBERS = 1 << 27  # captures stacked into one batched call at most (512 MiB in fp32)
+
+
+def _batch_key(job: _Job, per_position: bool):
+    """Calls with the same key run as one batched call; None: on its own."""
+    if any(isinstance(w, Factors) for w in job.Wm.values()):
+        return None
+    shapes = tuple((local, w.shape, w.dtype) for local, w in job.Wm.items())
+    if job.call.grads is not None:
+        return "grads", job.work, shapes, tuple((n, g.shape, g.dtype) for n, g in job.call.grads.items())
+    if job.am.rule.batchable and not per_position:
+        a, e = job.call.a, job.call.e
+        return type(job.am.rule), job.work, shapes, a.shape, a.dtype, e.shape, e.dtype
+    return None
+
+
+def _batches(jobs: list[_Job], per_position: bool) -> list[list[_Job]]:
+    """The jobs in groups of equal batch keys (in order of first appearance), each holding at most about
+    GROUP_NUMBERS numbers of captures."""
+    groups: dict = {}
+    out = []
+    for job in jobs:
+        key = _batch_key(job, per_position)
+        numbers = sum(x.numel() for x in (job.call.grads or {"a": job.call.a, "e": job.call.e}).values())
+        group = groups.get(key) if key is not None else None
+        if group is None or group[1] + numbers > GROUP_NUMBERS:
+            group = groups[key] = [[], 0]
+            out.append(group[0])
+        group[0].append(job)
+        group[1] += numbers
+    return out
+
+
+def _batched_products(group: list[_Job]) -> list[dict[str, torch.Tensor]]:
+    """The products of calls with one batch key, as one call under torch.func.vmap over their stacked captures
+    and W: per call {param: [b, K]}."""
+    first = group[0]
+    Wm = {local: torch.stack([job.Wm[local] for job in group]).to(first.work) for local in first.Wm}
+    if first.call.grads is not None:
+        grads = {n: torch.stack([job.call.grads[n] for job in group]) for n in first.call.grads}
+        out = torch.func.vmap(grads_products)(grads, Wm)
+    else:
+        a = torch.stack([job.call.a for job in group])
+        a = a.to(first.work) if a.is_floating_point() else a
+        e = torch.stack([job.call.e for job in group]).to(first.work)
+        rule, module = first.am.rule, first.am.module  # (a batchable rule reads nothing of the module)
+        out = torch.func.vmap(lambda a_, e_, W_: rule.products(module, a_, e_, W_))(a, e, Wm)
+    return [{local: v[j] for local, v in out.items()} for j in range(len(group))]
+
+
 class _Stream:
     """The streaming schedule's fixed W (or the bases of its sketches) and what the backward took so far."""
 
@@ -549,27 +607,45 @@ class Capture:
         names = self._names
         K = num_targets if num_targets is not None else next(iter(W.values())).shape[0]
         device = next(iter(self.plan.params.values())).device
-        out = {n: torch.zeros(self.players.n, K, dtype=dtype, device=device) for n in self.plan.params}
-        rows = [mp.rows.to(device) for mp in self.players.micro]
+        parts: dict[str, list] = {n: [None] * len(self.players.micro) for n in self.plan.params}  # per micro-batch
         info, factors = {}, {}
         if rank is not None:
             W = dict(W)  # the entries the low-rank products replace; the caller's mapping is left alone
             with record_function("shardshap.products.factorize"):
                 factors, info = self._factorize(W, rank, names)
+        jobs = []
         for am in self.plan.modules:
             low = self._low_dtype(am)  # products in it (bf16 matrix units); the sums are kept in `dtype`
-            work = dtype if low is None else low
-            Wm = {local: W[id(p)].to(work) for local, p in am.params.items()}
+            Wm = {local: W[id(p)] for local, p in am.params.items()}
             if "weight" in am.params and id(am.params["weight"]) in factors:
                 rule, f = factors[id(am.params["weight"])]
                 if rule is am.rule:  # same orientation; other uses of a tied weight take the dense W_r
-                    Wm["weight"] = f if low is None else f.to(low)
-            for call in self.calls[am.name]:
-                with record_function(f"shardshap.products.{type(am.rule).__name__}"):
-                    res = _call_products(am, call.a, call.e, call.grads, Wm, work, self.players.micro[call.micro])
-                for local, val in res.items():
-                    out[names[id(am.params[local])]].index_add_(0, rows[call.micro], val.to(dtype))
+                    Wm["weight"] = f
+            jobs += [_Job(am, call, Wm, dtype if low is None else low) for call in self.calls[am.name]]
+            if not isinstance(W, dict):  # gathered on read: one module's W at a time, in plan order on every rank
+                self._take_products(jobs, parts, dtype)
+                jobs = []
+        self._take_products(jobs, parts, dtype)
+        out = {n: self.players.merge(x, (K,), dtype, device) for n, x in parts.items()}
         return Products(out, W, info)
+
+    def _take_products(self, jobs: list["_Job"], parts: dict[str, list], dtype: torch.dtype) -> None:
+        """Products of module calls, added into `parts` (canonical name -> per micro-batch [m, K]); calls that
+        one batched call can take (same rule and shapes) run together."""
+        for group in _batches(jobs, self.players.per_position):
+            first = group[0]
+            with record_function(f"shardshap.products.{type(first.am.rule).__name__}"):
+                if len(group) == 1:
+                    Wm = {local: w.to(first.work) for local, w in first.Wm.items()}
+                    results = [_call_products(first.am, first.call.a, first.call.e, first.call.grads, Wm, first.work,
+                                              self.players.micro[first.call.micro])]
+                else:
+                    results = _batched_products(group)
+            for job, res in zip(group, results):
+                for local, val in res.items():
+                    acc, val = parts[self._names[id(job.am.params[local])]], val.to(dtype)
+                    micro = job.call.micro
+                    acc[micro] = val if acc[micro] is None else acc[micro] + val
 
     def _factorize(self, W, rank, names) -> tuple[dict[int, tuple[ProductRule, Factors]], dict]:
         """Low-rank factors of the matrix weights (their entries of the dict `W` become the rank-r

@@ -64,6 +64,7 @@ def weight_products(a3, e3, Ww, Wb=None):
 @register(nn.Linear)
 class LinearRule(ProductRule):
     tokenwise = True
+    batchable = True
     low_precision_pays = True
     sketched = ("weight",)
 

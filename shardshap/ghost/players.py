@@ -146,6 +146,10 @@ class Players:
 
     def merge(self, parts: list[Optional[torch.Tensor]], tail: tuple, dtype, device) -> torch.Tensor:
         """[n, *tail]: each micro-batch's [m, *tail] values added into the players' rows (None: zeros)."""
+        if not self.per_position:  # the micro-batches' rows follow each other: no scatter
+            parts = [torch.zeros(mp.m, *tail, dtype=dtype, device=device) if part is None else part.to(dtype)
+                     for mp, part in zip(self.micro, parts)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
         out = torch.zeros(self.n, *tail, dtype=dtype, device=device)
         for mp, part in zip(self.micro, parts):
             if part is not None:

@@ -24,6 +24,10 @@ class ProductRule:
     # per-sample gradient = a sum over tokens of terms of one token's (input, output gradient) each: the
     # rule then serves per-position sample_ids (ghost/players.py), every token taken as a sample of its own
     tokenwise: bool = False
+    # `products` reads nothing of the module but its arguments' shapes, so that the calls of several modules
+    # with the same shapes run as one batched call (torch.func.vmap over the stacked calls: a few kernels
+    # for a whole group of layers instead of a few per layer)
+    batchable: bool = False
 
     # weight_matrix(W [K, *weight.shape]) -> [K, d_out, d_in] view, its own inverse: defined by rules whose
     # weight is a matrix map (Linear, HF Conv1D) so that low rank (Config.product_rank) can factorise W

@@ -218,3 +218,43 @@ def test_unsupported_parameter_is_listed_and_exclusion_recorded():
         plan(Scaled(), [])
     pl = plan(Scaled(), ["scale"])
     assert pl.excluded == ["scale"] and set(pl.params) == {"lin.weight", "lin.bias"}
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+@pytest.mark.parametrize("make", [cases.tiny_gpt2, cases.tiny_llama])
+def test_layers_of_one_shape_batched_together_keep_their_own_products(make, K, monkeypatch):
+    """Capture.products runs the calls of same-shaped layers as one batched call (capture.GROUP_NUMBERS):
+    every parameter's per-sample products still equal its own explicit ones (a mix-up of layers within a
+    batch would keep the sum over parameters and fail here), and equal those taken one call at a time."""
+    from shardshap.ghost import capture as capture_module
+    case = make(batch_size=5, n_targets=K)
+    (ids, mask), _ = case.batches(0)
+    model = case.model
+    pl = plan(model, [])
+    W = {id(p): torch.randn(K, *p.shape) for p in pl.params.values()}
+
+    def products():
+        cap = Capture(pl)
+        with cap.recording(torch.arange(5), 0):
+            case.train_loss(model, (ids, mask)).sum().backward()
+        out = cap.products(W, torch.float64).per_param
+        cap.remove()
+        return out
+    calls = []
+    real = capture_module._batched_products
+    monkeypatch.setattr(capture_module, "_batched_products", lambda group: calls.append(len(group)) or real(group))
+    batched = products()
+    assert calls and max(calls) >= 2, "no layers were batched together"
+    monkeypatch.setattr(capture_module, "GROUP_NUMBERS", 0)  # every call on its own
+    alone = products()
+    losses = case.train_loss(model, (ids, mask))
+    names, params = list(pl.params), list(pl.params.values())
+    ref = {n: torch.zeros(5, K) for n in names}
+    for i in range(5):
+        grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+        for n, p, g in zip(names, params, grads):
+            if g is not None:
+                ref[n][i] = (W[id(p)].reshape(K, -1) @ g.reshape(-1))
+    for n in names:
+        assert_exact(batched[n], ref[n])
+        torch.testing.assert_close(batched[n], alone[n], rtol=1e-12, atol=1e-14)

@@ -24,7 +24,7 @@ from torch.profiler import record_function
 from . import __version__, estimators
 from ._hardware import warn_if_bf16_is_emulated
 from .backends import detect
-from .checks import check_completeness, check_ids, check_loss
+from .checks import HostRead, check_completeness, check_ids, check_loss
 from .compiled import compile_ready, is_compiled, uncompiled
 from .config import Config
 from .errors import AttributionError, ConfigError, ShardshapError, StoreError
@@ -190,6 +190,7 @@ class Attributor(Stateful):
         self._bases: Optional[dict] = None  # stream_predictor='subspace': id -> Basis from the last step's W
         self._warned_subspace = False
         self._probed = False  # the first step of step() checked that every module is batch-first
+        self._reads = HostRead()  # this step's checks and values, read on the host once, before it trains
 
     # ------------------------------------------------------------------ public API
     def step(self, batch, sample_ids, targets) -> StepResult:
@@ -218,7 +219,7 @@ class Attributor(Stateful):
                             backend.no_sync(last):
                         with self.capture.probing() if probe else nullcontext() as outputs:
                             per_sample = self.train_loss(self.model, mb)
-                        check_loss(per_sample, mids, j)
+                        check_loss(per_sample, mids, j, self._reads)
                         if per_position:  # (-1 positions may hold anything, even NaN: left out, not multiplied)
                             per_sample = torch.where(_counted(mids).to(per_sample.device), per_sample, 0)
                         if probe:
@@ -401,6 +402,9 @@ class Attributor(Stateful):
                     "are). Create the Attributor before the first training forward, or call torch._dynamo.reset() "
                     "(or set torch._dynamo.config.skip_nnmodule_hook_guards = False before compiling).")
             return self._attribute(targets, self.capture.players.ids, self._player_losses(), grad_norm)
+        except Exception:
+            self._reads.raise_failed()  # a failed check (a non-finite loss, say) is the cause worth naming
+            raise
         finally:
             self._discard()
 
@@ -440,6 +444,7 @@ class Attributor(Stateful):
         self._recorded = []
         self._targets, self._stream = _UNSET, None
         self.capture.clear()
+        self._reads.clear()
 
     def _begin_step(self, targets) -> None:
         """Before the step's first training forward: under schedule='streaming' (unless the step is a cold
@@ -495,7 +500,7 @@ class Attributor(Stateful):
         with record_function("shardshap.target"), self.capture.paused(), \
                 target_mode(self.module, self.config.target_mode):
             return target_gradients(
-                self.backend, lambda: evaluate_targets(self.target_loss, self.module, targets, self.config,
+                self.backend, lambda: evaluate_targets(self.target_loss, self.module, targets, self.config, self._reads,
                                                        self._device),
                 list(self.plan.params.values()), shards, frozen, self.config, self.dtype)
 
@@ -550,7 +555,7 @@ class Attributor(Stateful):
             with record_function("shardshap.completeness"):
                 check_completeness(backend, self.plan, per_param, stacked,
                                    products.W if isinstance(W, dict) or sketched else None,
-                                   owned, shards, clip, dtype, self.capture.precision())
+                                   owned, shards, clip, dtype, self.capture.precision(), self._reads)
         scores = stacked.sum(0)
         metadata = {"schedule": "cached", "cold_start": offset is not None,
                     "bytes_sent": backend.bytes_sent - bytes_before}
@@ -593,7 +598,7 @@ class Attributor(Stateful):
             with record_function("shardshap.completeness"):
                 # <clipped gradient, W> / clip: the unclipped batch gradient, as the products use it
                 check_completeness(backend, self.plan, per_param, stacked, stream.W, None, shards, clip, self.dtype,
-                                   self.capture.precision())
+                                   self.capture.precision(), self._reads)
         scores = stacked.sum(0) * clip
         return self._result(scores, sample_ids, sample_loss, stream.target_loss, clip, stream.lowrank,
                             bytes_sent=stream.bytes_sent + backend.bytes_sent - bytes_before, cold_start=False,
@@ -612,6 +617,7 @@ class Attributor(Stateful):
 
     def _result(self, scores, sample_ids, sample_loss, target_loss, clip, lowrank, **metadata) -> StepResult:
         cfg = self.config
+        clip, = self._reads.read(clip)  # the step's one host sync: every check's verdict, and the clip factor
         loss = self._step_loss(sample_loss)
         if self.backend.distributed and self.capture.players.per_position:
             scores, sample_ids, sample_loss = self._merge_documents(scores, sample_ids, sample_loss)

@@ -1,5 +1,12 @@
-"""Checks of a step's input and of its products; each raises AttributionError before the optimizer steps."""
+"""Checks of a step's input and of its products; each raises AttributionError before the optimizer steps.
+
+Checks of values (finite losses, products that add up) leave their verdicts on the device in a
+`HostRead`, which reads them all at once before the optimizer steps: one host sync per step, not one
+per check (on a GPU every read stalls the host until the device has caught up)."""
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 
@@ -7,9 +14,39 @@ from .errors import AttributionError
 from .foreach import dots
 
 
-def check_loss(per_sample, ids: torch.Tensor, j: int) -> None:
+class HostRead:
+    """Device values a step reads on the host, and checks whose verdicts are device booleans, read together
+    by `read` (one host sync); a failed check then raises its own error, the first one added first."""
+
+    def __init__(self):
+        self._checks: list[tuple[torch.Tensor, Callable[[], None]]] = []
+
+    def check(self, failed: torch.Tensor, raise_error: Callable[[], None]) -> None:
+        """`failed`: a 0-d bool tensor; `raise_error()` raises the check's error (it may read the device)."""
+        self._checks.append((failed, raise_error))
+
+    def read(self, *values) -> list[float]:
+        """Raise the first failed check's error, else return `values` (tensors or numbers) as floats."""
+        checks, self._checks = self._checks, []
+        tensors = [t.reshape(1).double() for t in [f for f, _ in checks] + [v for v in values if torch.is_tensor(v)]]
+        read = iter(torch.cat([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])  # one sync
+        for _, raise_error in [c for c, verdict in zip(checks, read) if verdict]:
+            raise_error()
+        return [next(read) if torch.is_tensor(v) else float(v) for v in values]
+
+    def raise_failed(self) -> None:
+        """After another error in the step: raise the first failed check's error instead (its cause, e.g. a NaN
+        loss, usually explains the other), else nothing."""
+        if self._checks:
+            self.read()
+
+    def clear(self) -> None:
+        self._checks = []
+
+
+def check_loss(per_sample, ids: torch.Tensor, j: int, reads: HostRead) -> None:
     """train_loss returned one finite, differentiable loss per sample of micro-batch j, or one per position
-    when its ids are per position (finite where they count)."""
+    when its ids are per position (finite where they count; checked at `reads.read()`)."""
     if not torch.is_tensor(per_sample):
         raise AttributionError(f"train_loss must return a Tensor of per-sample losses, got "
                                f"{type(per_sample).__name__}")
@@ -31,11 +68,13 @@ def check_loss(per_sample, ids: torch.Tensor, j: int) -> None:
     bad = ~torch.isfinite(per_sample.detach())
     if per_position:
         bad = bad & (ids >= 0).to(bad.device)
-    if bad.any():
+
+    def raise_error():
         where = bad.nonzero().tolist() if per_position else bad.nonzero().flatten().tolist()
         which = "counted (row, position)s" if per_position else "samples at positions"
         raise AttributionError(f"train_loss is not finite for {which} "
                                f"{where[:10]} of micro-batch {j}; the optimizer step was not taken")
+    reads.check(bad.any(), raise_error)
 
 
 def check_ids(ids: torch.Tensor, num_samples: int, per_position: bool = False) -> None:
@@ -58,14 +97,14 @@ LOW_PRECISION_TOLERANCE = 5e-2  # bf16 / fp16 (measured: up to 1.7e-2 for FSDP2 
 
 
 def check_completeness(backend, plan, per_param: dict[str, torch.Tensor], stacked: torch.Tensor, W, owned, shards,
-                       clip, dtype, precision: dict[str, torch.dtype]) -> None:
+                       clip, dtype, precision: dict[str, torch.dtype], reads: HostRead) -> None:
     """The per-sample products of each parameter add up to <batch gradient, W> (over all ranks).
 
     `per_param` names the rows of `stacked` ([params, players, K], the products). `W`: the full vectors the
     products used (low rank may have replaced them), or None when they were gathered on demand, in which
     case the owned elements `owned` are exactly them. `precision`: per parameter name, the lowest float
-    dtype its gradient or products were computed in (Capture.precision). A few kernels for all parameters,
-    and one read of the result on the host."""
+    dtype its gradient or products were computed in (Capture.precision). A few kernels for all parameters;
+    the verdict is read at `reads.read()`."""
     rows = [i for i, n in enumerate(per_param) if id(plan.params[n]) in shards]
     if not rows:  # no parameter moved this step: nothing to add up
         return
@@ -85,13 +124,21 @@ def check_completeness(backend, plan, per_param: dict[str, torch.Tensor], stacke
         rounding[low] = dots(torch._foreach_abs([w[i] for i in low]), torch._foreach_abs([g[i] for i in low]))
     exp_and_rounding = backend.reduce_partial(torch.stack([expected, rounding], 1) / clip)
     (ghost, magnitude), (exp, rounding) = sums.unbind(1), exp_and_rounding.unbind(1)  # each [params, K]
-    tol = [TOLERANCE.get(precision[n], LOW_PRECISION_TOLERANCE) for n in names]
-    rel = ((ghost - exp).abs() / (magnitude + exp.abs() + rounding + 1e-30)).amax(1).tolist()  # one host sync
-    bad = [f"{name} (relative mismatch {r:.2e}, tolerance {t:g} for {str(precision[name]).removeprefix('torch.')})"
-           for name, r, t in zip(names, rel, tol) if r > t]
-    if bad:
+    tol = tuple(TOLERANCE.get(precision[n], LOW_PRECISION_TOLERANCE) for n in names)
+    rel = ((ghost - exp).abs() / (magnitude + exp.abs() + rounding + 1e-30)).amax(1)
+
+    def raise_error():
+        bad = [f"{name} (relative mismatch {r:.2e}, tolerance {t:g} for {str(precision[name]).removeprefix('torch.')})"
+               for name, r, t in zip(names, rel.tolist(), tol) if r > t]
         raise AttributionError(
             "per-sample products do not add up to the batch gradient for: " + ", ".join(bad) + ". The "
             "parameter is probably used outside the module that owns it (a functional call such as "
             "F.linear(x, module.weight)) or broadcast across the batch. Exclude it with Config(exclude=[...]) "
             "or route its use through its module; the optimizer step was not taken.")
+    reads.check((rel > _on(tol, rel.dtype, rel.device)).any(), raise_error)
+
+
+@functools.lru_cache(maxsize=64)
+def _on(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` as a tensor on the device, copied there once per distinct tuple (a copy can wait on the device)."""
+    return torch.tensor(values, dtype=dtype, device=device)

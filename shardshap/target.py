@@ -40,8 +40,9 @@ def _checkpointed_without_own_dropout(m: torch.nn.Module) -> bool:
     return not any("dropout" in name and isinstance(value, float) and value > 0 for name, value in vars(m).items())
 
 
-def evaluate_targets(target_loss, module, targets, config, device: torch.device) -> torch.Tensor:
-    """target_loss(module, targets) as a [K] tensor, validated; under bf16 autocast with Config.target_dtype.
+def evaluate_targets(target_loss, module, targets, config, reads, device: torch.device) -> torch.Tensor:
+    """target_loss(module, targets) as a [K] tensor, validated (finiteness at `reads.read()`, a
+    checks.HostRead); under bf16 autocast with Config.target_dtype.
     (The caller holds `target_mode` around this and the backward: a checkpoint recomputes in the same modes.)"""
     # casts cached by an enclosing autocast (the user's) hold the parameters before the midpoint shift
     torch.clear_autocast_cache()
@@ -63,9 +64,10 @@ def evaluate_targets(target_loss, module, targets, config, device: torch.device)
             "reduction is probably missing (per-token or per-sample losses instead of one mean per target set). "
             "Return one loss per target, e.g. `loss.mean()` per set stacked into [K]; if you really mean "
             f"{value.numel()} targets, name them with Config(target_names=[...])")
-    if not torch.isfinite(value.detach()).all():
+    def raise_error():
         raise AttributionError(f"target_loss is not finite ({value.detach().tolist()}); the "
                                "optimizer step was not taken")
+    reads.check(~torch.isfinite(value.detach()).all(), raise_error)
     if config.target_names is not None and len(config.target_names) != value.numel():
         raise AttributionError(f"target_loss returned {value.numel()} targets but "
                                f"Config.target_names names {len(config.target_names)}")

@@ -120,9 +120,10 @@ class Backend(ABC):
         `grad` None."""
 
     @abstractmethod
-    def clip(self, shards: dict[int, OwnedSlice], max_norm: Optional[float]) -> float:
+    def clip(self, shards: dict[int, OwnedSlice], max_norm: Optional[float]) -> float | torch.Tensor:
         """Scale the owned gradients by the factor the engine's own clipping applies this step (the
-        engine's norm, its formula); return the factor (1.0 when max_norm is None)."""
+        engine's norm, its formula); return the factor (1.0 when max_norm is None), as a number or as a 0-d
+        tensor on the device (not read back there)."""
 
     @abstractmethod
     def target_gradients(self, evaluate, params: list[nn.Parameter], dtype, split: bool = False

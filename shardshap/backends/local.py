@@ -37,7 +37,7 @@ class LocalBackend(Backend):
                 out[id(p)] = OwnedSlice(p, p.detach().view(-1), p.grad.view(-1) if grads else None, state, group)
         return out
 
-    def clip(self, shards: dict[int, OwnedSlice], max_norm) -> float:
+    def clip(self, shards: dict[int, OwnedSlice], max_norm) -> float | torch.Tensor:
         """Clip like torch.nn.utils.clip_grad_norm_ (global L2 norm)."""
         if max_norm is None:
             return 1.0
@@ -48,9 +48,8 @@ class LocalBackend(Backend):
             sh.param for pid, sh in shards.items() if pid not in in_model]
         params = [p for p in params if p.grad is not None]
         total = torch.nn.utils.get_total_norm([p.grad for p in params])
-        factor = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return factor
+        return torch.clamp(max_norm / (total + 1e-6), max=1.0)  # (a tensor: reading it would wait on the device)
 
     def target_gradients(self, evaluate, params: list[nn.Parameter], dtype, split: bool = False
                          ) -> tuple[list, torch.Tensor]:

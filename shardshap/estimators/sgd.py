@@ -14,4 +14,4 @@ class SGDProxy(Estimator):
     def freeze(self, update_rule, shard, clip_factor, dtype, *, order, compiled=False) -> Frozen:
         lr = scalar(shard.group["lr"])
         shift = -0.5 * lr * shard.grad.detach().to(dtype) if order == 2 else None
-        return Frozen(torch.full_like(shard.value, clip_factor * lr, dtype=dtype), shift)
+        return Frozen(torch.full_like(shard.value, lr, dtype=dtype).mul_(clip_factor), shift)  # (a tensor clip too)

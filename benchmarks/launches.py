@@ -34,7 +34,7 @@ CONFIGS = {
 SYNC_OPS = {"_local_scalar_dense"}
 # dispatched, but no kernel: profiler markers (no-ops without a profiler) and allocations without a fill
 NO_KERNEL = {"_record_function_enter_new", "_record_function_exit", "empty", "empty_like", "empty_strided",
-             "new_empty", "new_empty_strided"}
+             "new_empty", "new_empty_strided", "_unsafe_view"}  # (_unsafe_view: an alias, never a copy)
 
 
 class OpCounter(TorchDispatchMode):

@@ -30,6 +30,7 @@ from .config import Config
 from .errors import AttributionError, ConfigError, ShardshapError, StoreError
 from .estimators.owen import is_cold, owen_cold_start
 from .estimators.predict import predicted_grad
+from .foreach import chunks, dots
 from .ghost import Capture, plan
 from .ghost.capture import exact_math
 from .optim.base import scalar
@@ -546,7 +547,9 @@ class Attributor(Stateful):
             W = {pid: W[pid] for pid in owned}  # low rank factorises every layer up front: materialise
         with record_function("shardshap.products"):
             if sketched:  # (and the next step's bases, from this step's W)
-                products, self._bases = self.capture.sketched(W, K, cfg.sketch_rank)
+                grads = None if backend.partitioned else {pid: sh.grad.view(sh.param.shape)
+                                                          for pid, sh in shards.items()}
+                products, self._bases = self.capture.sketched(W, K, cfg.sketch_rank, grads)
             else:
                 products = self.capture.products(W, dtype, rank=cfg.product_rank, num_targets=K)
         per_param = products.per_param
@@ -555,19 +558,21 @@ class Attributor(Stateful):
             with record_function("shardshap.completeness"):
                 check_completeness(backend, self.plan, per_param, stacked,
                                    products.W if isinstance(W, dict) or sketched else None,
-                                   owned, shards, clip, dtype, self.capture.precision(), self._reads)
+                                   owned, shards, clip, dtype, self.capture.precision(), self._reads,
+                                   products.grad_dots)
         scores = stacked.sum(0)
         metadata = {"schedule": "cached", "cold_start": offset is not None,
                     "bytes_sent": backend.bytes_sent - bytes_before}
         if sketched:  # (never an Owen-cold step: those run cached)
-            offset = self._outside_subspace(shards, owned, products.W, clip, K)
+            offset = self._outside_subspace(shards, owned, products, clip, K)
             metadata.update(schedule="streaming", sketch_energy=products.lowrank.pop("energy"),
                             bytes_sent=metadata["bytes_sent"] + self._stream.bytes_sent)
-            if not any(is_cold(self.update_rule, sh, cfg.cold_steps) for sh in shards.values()):
-                self._warn_if_subspace_lags(metadata["sketch_energy"])  # (not on cold steps: Adam's start jumps)
         if offset is not None:
             scores = scores + offset
-        return self._result(scores, sample_ids, sample_loss, target_loss, clip, products.lowrank, **metadata)
+        result = self._result(scores, sample_ids, sample_loss, target_loss, clip, products.lowrank, **metadata)
+        if sketched and not any(is_cold(self.update_rule, sh, cfg.cold_steps) for sh in shards.values()):
+            self._warn_if_subspace_lags(result.metadata["sketch_energy"])  # (not on cold steps: Adam's start jumps)
+        return result
 
     def _stacked(self, per_param: dict[str, torch.Tensor]) -> torch.Tensor:
         """[params, players, K]: the products in per_param's order, as each sample's share of the global gradient
@@ -575,18 +580,27 @@ class Attributor(Stateful):
         stacked = torch.stack(list(per_param.values()))
         return stacked / self.backend.dp_size if self.backend.distributed else stacked
 
-    def _outside_subspace(self, shards, owned, projected, clip, K: int) -> torch.Tensor:
+    def _outside_subspace(self, shards, owned, products, clip, K: int) -> torch.Tensor:
         """Per-sample offset [K] that shares the part of <G, W> outside the sketches' subspace,
         <G, W - U U^T W V V^T>, equally among the step's samples: the values then add up to the cached
-        schedule's (efficiency) and their differences are the sketches' (as Owen's offset does)."""
+        schedule's (efficiency) and their differences are the sketches' (as Owen's offset does). Products.
+        grad_dots gives <G, U U^T W V V^T> where the whole G is at hand; else the projection is multiplied out,
+        a few parameters at a time."""
         backend = self.backend
         n = backend.all_reduce_sum(torch.tensor([self.capture.players.n], dtype=torch.int64, device=self._device))
         missing = torch.zeros(K, dtype=self.dtype, device=self._device)
-        for pid in self.capture.sketchable():
-            if pid in shards and owned[pid] is not None:
-                outside = owned[pid] - backend.owned(shards[pid], projected[pid], lead=1)
-                missing = missing + torch.linalg.vecdot(outside, shards[pid].grad.to(self.dtype)) / clip
-        return backend.reduce_partial(missing) / n.to(self.dtype)
+        pids = [pid for pid in self.capture.sketchable() if pid in shards and owned[pid] is not None]
+        for chunk in chunks([owned[pid].numel() for pid in pids]):
+            chunk = [pids[j] for j in chunk]
+            grads = [shards[pid].grad.to(self.dtype) for pid in chunk]
+            if products.grad_dots is not None:
+                projected = torch.stack([products.grad_dots[pid] for pid in chunk])
+                outside = dots([owned[pid] for pid in chunk], grads) - projected
+            else:
+                projected = [backend.owned(shards[pid], products.W[pid], lead=1) for pid in chunk]
+                outside = dots(torch._foreach_sub([owned[pid] for pid in chunk], projected), grads)
+            missing = missing + outside.sum(0)
+        return backend.reduce_partial(missing / clip) / n.to(self.dtype)
 
     def _attribute_streamed(self, sample_ids, sample_loss, shards, clip) -> StepResult:
         """The streaming schedule's values: the products taken in the backward, times the real clip factor."""
@@ -617,7 +631,10 @@ class Attributor(Stateful):
 
     def _result(self, scores, sample_ids, sample_loss, target_loss, clip, lowrank, **metadata) -> StepResult:
         cfg = self.config
-        clip, = self._reads.read(clip)  # the step's one host sync: every check's verdict, and the clip factor
+        energy = metadata.get("sketch_energy", {})  # (0-d tensors: read with the rest)
+        clip, *kept = self._reads.read(clip, *energy.values())  # the step's one host sync: every check's verdict,
+        if energy:                                              # the clip factor and the subspaces' kept energies
+            metadata["sketch_energy"] = dict(zip(energy, kept))
         loss = self._step_loss(sample_loss)
         if self.backend.distributed and self.capture.players.per_position:
             scores, sample_ids, sample_loss = self._merge_documents(scores, sample_ids, sample_loss)

@@ -6,12 +6,12 @@ per check (on a GPU every read stalls the host until the device has caught up)."
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from .errors import AttributionError
-from .foreach import dots
+from .foreach import chunks, dots
 
 
 class HostRead:
@@ -97,31 +97,47 @@ LOW_PRECISION_TOLERANCE = 5e-2  # bf16 / fp16 (measured: up to 1.7e-2 for FSDP2 
 
 
 def check_completeness(backend, plan, per_param: dict[str, torch.Tensor], stacked: torch.Tensor, W, owned, shards,
-                       clip, dtype, precision: dict[str, torch.dtype], reads: HostRead) -> None:
+                       clip, dtype, precision: dict[str, torch.dtype], reads: HostRead,
+                       grad_dots: Optional[dict[int, torch.Tensor]] = None) -> None:
     """The per-sample products of each parameter add up to <batch gradient, W> (over all ranks).
 
     `per_param` names the rows of `stacked` ([params, players, K], the products). `W`: the full vectors the
     products used (low rank may have replaced them), or None when they were gathered on demand, in which
-    case the owned elements `owned` are exactly them. `precision`: per parameter name, the lowest float
-    dtype its gradient or products were computed in (Capture.precision). A few kernels for all parameters;
-    the verdict is read at `reads.read()`."""
+    case the owned elements `owned` are exactly them; read a few parameters at a time. `grad_dots`: id ->
+    <batch gradient, W> [K] where the caller has it already. `precision`: per parameter name, the lowest
+    float dtype its gradient or products were computed in (Capture.precision). A few kernels for all
+    parameters; the verdict is read at `reads.read()`."""
     rows = [i for i, n in enumerate(per_param) if id(plan.params[n]) in shards]
     if not rows:  # no parameter moved this step: nothing to add up
         return
     names = [list(per_param)[i] for i in rows]
     params = [plan.params[n] for n in names]
     moved = stacked if len(rows) == len(per_param) else stacked[rows]
+    K = stacked.shape[2]
     # [params, 2, K]: per-sample sums and sums of magnitudes, added over ranks in one collective
     sums = backend.all_reduce_sum(torch.stack([moved.sum(1), moved.abs().sum(1)], 1))
-    w = [owned[id(p)] if W is None else backend.owned(shards[id(p)], W[id(p)], lead=1) for p in params]
+    grad_dots = grad_dots or {}
     g = [shards[id(p)].grad.to(dtype) for p in params]
-    expected = dots(w, g)  # <batch gradient, W> on owned elements
     # a bf16/fp16 batch gradient is rounded per coordinate: where <g, W> cancels across coordinates its
     # error scales with sum_j |g_j W_j|, not with the per-sample magnitudes
+    low = {i for i, p in enumerate(params) if p.dtype not in (torch.float32, torch.float64)}
+    expected = torch.zeros(len(params), K, dtype=dtype, device=moved.device)
     rounding = torch.zeros_like(expected)
-    low = [i for i, p in enumerate(params) if p.dtype not in (torch.float32, torch.float64)]
-    if low:
-        rounding[low] = dots(torch._foreach_abs([w[i] for i in low]), torch._foreach_abs([g[i] for i in low]))
+    given = [i for i, p in enumerate(params) if id(p) in grad_dots]
+    if given:
+        expected[given] = torch.stack([grad_dots[id(params[i])] for i in given]).to(dtype)
+    to_read = [i for i, p in enumerate(params) if id(p) not in grad_dots or i in low]
+    for chunk in chunks([K * backend.full_shape(params[i]).numel() for i in to_read]):
+        chunk = [to_read[j] for j in chunk]
+        w = [owned[id(params[i])] if W is None else backend.owned(shards[id(params[i])], W[id(params[i])], lead=1)
+             for i in chunk]  # (views)
+        computed = [j for j, i in enumerate(chunk) if id(params[i]) not in grad_dots]
+        if computed:
+            expected[[chunk[j] for j in computed]] = dots([w[j] for j in computed], [g[chunk[j]] for j in computed])
+        lows = [j for j, i in enumerate(chunk) if i in low]
+        if lows:
+            rounding[[chunk[j] for j in lows]] = dots(torch._foreach_abs([w[j] for j in lows]),
+                                                      torch._foreach_abs([g[chunk[j]] for j in lows]))
     exp_and_rounding = backend.reduce_partial(torch.stack([expected, rounding], 1) / clip)
     (ghost, magnitude), (exp, rounding) = sums.unbind(1), exp_and_rounding.unbind(1)  # each [params, K]
     tol = tuple(TOLERANCE.get(precision[n], LOW_PRECISION_TOLERANCE) for n in names)

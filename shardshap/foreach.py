@@ -9,24 +9,29 @@ import torch
 CHUNK_NUMBERS = 1 << 26  # products held at once (256 MiB in fp32) before they are summed
 
 
+def chunks(numbers: list[int], budget: int = CHUNK_NUMBERS) -> list[list[int]]:
+    """Indices 0..len(numbers)-1 in consecutive runs whose numbers add up to at most `budget` (at least one
+    index per run): what to read and reduce at once so that the temporaries stay bounded."""
+    out, current, held = [], [], 0
+    for i, n in enumerate(numbers):
+        if current and held + n > budget:
+            out.append(current)
+            current, held = [], 0
+        current.append(i)
+        held += n
+    return out + [current] if current else out
+
+
 def dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
     """[len(xs), K]: <x_i[k], y_i> for x_i [K, n_i] and y_i [n_i] (the same K for all; at least one pair).
 
-    The products of a chunk of pairs are laid end to end and summed per pair (`segment_reduce`), so the
-    temporaries hold at most about CHUNK_NUMBERS numbers whatever the model's size."""
+    The products are laid end to end and summed per pair (`segment_reduce`): temporaries of K * sum n_i
+    numbers, which the caller bounds (`chunks`)."""
     K = xs[0].shape[0]
-    out, lo = [], 0
-    while lo < len(xs):
-        hi, numbers = lo, 0
-        while hi < len(xs) and (hi == lo or numbers + xs[hi].numel() <= CHUNK_NUMBERS):
-            numbers += xs[hi].numel()
-            hi += 1
-        flat = torch.cat(torch._foreach_mul(xs[lo:hi], ys[lo:hi]), dim=1)  # [K, sum n_i]
-        lengths = _lengths(tuple(x.shape[1] for x in xs[lo:hi]), K, flat.device)
-        # (unsafe: lengths are right by construction; checking them would read the device back)
-        out.append(torch.segment_reduce(flat, "sum", lengths=lengths, axis=1, unsafe=True).reshape(K, hi - lo).T)
-        lo = hi
-    return out[0] if len(out) == 1 else torch.cat(out)
+    flat = torch.cat(torch._foreach_mul(xs, ys), dim=1)  # [K, sum n_i]
+    lengths = _lengths(tuple(x.shape[1] for x in xs), K, flat.device)
+    # (unsafe: lengths are right by construction; checking them would read the device back)
+    return torch.segment_reduce(flat, "sum", lengths=lengths, axis=1, unsafe=True).reshape(K, len(xs)).T
 
 
 @functools.lru_cache(maxsize=64)

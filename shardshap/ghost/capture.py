@@ -12,7 +12,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..errors import BatchShapeError, UnsupportedModule
-from .lowrank import MIN_ENERGY, Factors, factorize, worth_it
+from .lowrank import MIN_ENERGY, Factors, factorize, sketch_matrix, worth_it
 from .players import MicroPlayers, Players
 from .registry import ProductRule, grads_products, product_rule_for
 from .sketch import Basis, find_basis, flat_products, kept_energy
@@ -23,6 +23,8 @@ class Products(NamedTuple):
     per_param: dict[str, torch.Tensor]  # canonical parameter name -> [samples, K]
     W: Mapping[int, torch.Tensor]       # id(param) -> the W [K, *shape] the products used
     lowrank: dict                       # low rank only: energy, layer_rank, exact_layers (else empty)
+    grad_dots: Optional[dict[int, torch.Tensor]] = None  # id(param) -> <batch gradient, W used> [K], where
+    #                                                      computed on the way (sketches: no dense W needed)
 
 
 @dataclass
@@ -273,6 +275,10 @@ def _call_sketches(am: AttributedModule, a, e, grads, bases: dict[int, Basis], w
     if rest:
         out.update(_call_grads(am, a, e, rest, mp))
     return out
+
+
+def _sides(basis: Basis) -> tuple[torch.Tensor, torch.Tensor]:
+    return basis.U, basis.V
 
 
 def _factors_to_dense(rule: ProductRule) -> Callable[[Factors], torch.Tensor]:
@@ -553,29 +559,66 @@ class Capture:
         backward, for `sketched` to multiply by the step's W afterwards."""
         self._stream = _Stream(None, 0, dtype, bases)
 
-    def sketched(self, W: Mapping[int, torch.Tensor], K: int, rank: int) -> tuple[Products, dict[int, Basis]]:
-        """Per attributed parameter: [players, K] products of this step's sketches with `W` (read one
-        parameter at a time, in plan order). `Products.W` holds the projected W they equal products with
-        (multiplied out on read), `Products.lowrank["energy"]` what the projection kept of each W. Also
-        returns the next step's bases (`bases`), found from the same reads of W."""
+    def sketched(self, W: Mapping[int, torch.Tensor], K: int, rank: int,
+                 grads: Optional[Mapping[int, torch.Tensor]] = None) -> tuple[Products, dict[int, Basis]]:
+        """Per attributed parameter: [players, K] products of this step's sketches with `W`. `Products.W` holds
+        the projected W they equal products with (multiplied out on read), `Products.lowrank["energy"]` what
+        the projection kept of each W (0-d tensors, not read back). Also returns the next step's bases
+        (`bases`), found from the same reads of W. Parameters of one shape are taken together (vmap over their
+        stacked W) when W is a dict; a mapping that gathers on read is read one parameter at a time, in plan
+        order. `grads` (id -> the whole batch gradient, in the parameter's shape): `Products.grad_dots` then has
+        <G, U U^T W V V^T> = <U^T G V, U^T W V> of every sketched weight, without multiplying the projection out."""
         stream = self._stream
         device = next(iter(self.plan.params.values())).device
-        sketchable = self.sketchable()
-        out, used, kept, bases = {}, {}, {}, {}
-        for name, p in self.plan.params.items():
-            pid, Wp = id(p), W[id(p)]
-            if pid in sketchable:
-                bases[pid] = find_basis(Wp, rank)
-            basis = stream.bases.get(pid)
-            if basis is None:  # kept per-sample gradients, against W itself
-                against, used[pid] = Wp, (None, Wp)
+        out, used, kept, bases, grad_dots = {}, {}, {}, {}, {}
+        for group in self._sketch_groups(W):
+            Wg = torch.stack([W[pid] for _, pid in group])  # [G, K, *shape]
+            first = group[0][1]
+            if first in self.sketchable():
+                G, K_, m, n = Wg.shape
+                omega = sketch_matrix(K_, m, min(rank, m, n), Wg.device, Wg.dtype)  # (the same for each: as alone)
+                U, V = torch.func.vmap(lambda w, omega=omega: _sides(find_basis(w, rank, omega)))(Wg)
+                bases.update({pid: Basis(U[j], V[j]) for j, (_, pid) in enumerate(group)})
+            if stream.bases.get(first) is None:  # kept per-sample gradients, against W itself
+                against = Wg
+                used.update({pid: (None, Wg[j]) for j, (_, pid) in enumerate(group)})
             else:  # sketches, against the projection of W on the basis
-                against = basis.project(Wp)
-                used[pid], kept[name] = (basis.dense, against), kept_energy(Wp, against)
-            out[name] = self._over_micro_batches(
-                name, K, device, lambda x, against=against: flat_products(x.to(stream.dtype), against))
-        energies = torch.stack(list(kept.values())).tolist() if kept else []  # one host sync
-        return Products(out, _DenseOnRead(used), {"energy": dict(zip(kept, energies))}), bases
+                U = torch.stack([stream.bases[pid].U for _, pid in group])
+                V = torch.stack([stream.bases[pid].V for _, pid in group])
+                against = torch.func.vmap(lambda U_, V_, w: Basis(U_, V_).project(w))(U, V, Wg)
+                energy = torch.func.vmap(kept_energy)(Wg, against)
+                for j, (name, pid) in enumerate(group):
+                    used[pid], kept[name] = (stream.bases[pid].dense, against[j]), energy[j]
+                if grads is not None:
+                    Gg = torch.stack([grads[pid] for _, pid in group]).to(against.dtype)
+                    sketch = torch.func.vmap(lambda U_, V_, g: Basis(U_, V_).project(g[None])[0])(U, V, Gg)
+                    dots = (against * sketch[:, None]).sum((2, 3))  # [G, K]
+                    grad_dots.update({pid: dots[j] for j, (_, pid) in enumerate(group)})
+            per_micro = []
+            for j in range(len(self.players.micro)):
+                taken = [stream.out.get(j, {}).get(name) for name, _ in group]
+                per_micro.append(None if taken[0] is None else torch.func.vmap(flat_products)(
+                    torch.stack(taken).to(stream.dtype), against))
+            for g, (name, _) in enumerate(group):
+                out[name] = self.players.merge([None if x is None else x[g] for x in per_micro], (K,), stream.dtype,
+                                               device)
+        return Products(out, _DenseOnRead(used), {"energy": kept}, grad_dots if grads is not None else None), bases
+
+    def _sketch_groups(self, W: Mapping[int, torch.Tensor]) -> list[list[tuple[str, int]]]:
+        """The attributed parameters ([(name, id)]) in groups that `sketched` takes together: same W shape, same
+        basis shapes, and the same sketches taken in every micro-batch."""
+        items = [(name, id(p)) for name, p in self.plan.params.items()]
+        if not isinstance(W, dict):
+            return [[item] for item in items]
+        stream, groups = self._stream, {}
+        for name, pid in items:
+            basis = stream.bases.get(pid)
+            taken = tuple(None if (x := stream.out.get(j, {}).get(name)) is None else (x.shape, x.dtype)
+                          for j in range(len(self.players.micro)))
+            key = (pid in self.sketchable(), W[pid].shape, W[pid].dtype, taken,
+                   None if basis is None else (basis.U.shape, basis.V.shape, basis.U.dtype))
+            groups.setdefault(key, []).append((name, pid))
+        return list(groups.values())
 
     def streamed(self) -> dict[str, torch.Tensor]:
         """The streamed products of the step: canonical name -> [players, K] (zeros where no backward

@@ -51,16 +51,23 @@ def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
     return Y @ (V * scale.unsqueeze(1)).to(Y.dtype)
 
 
+def sketch_matrix(K: int, d_out: int, r: int, device, dtype, generator: Optional[torch.Generator] = None):
+    """The Gaussian Omega [K, d_out, r] of `factorize` (from a private generator seeded with SEED unless given)."""
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(SEED)
+    return torch.randn(K, d_out, r, generator=generator, device=device, dtype=dtype)
+
+
 def factorize(W: torch.Tensor, rank: int, power_iters: int = POWER_ITERS,
-              generator: Optional[torch.Generator] = None) -> Factors:
+              generator: Optional[torch.Generator] = None, omega: Optional[torch.Tensor] = None) -> Factors:
     """Rank-`rank` factors of each W[k] ([K, d_out, d_in]): Q ([d_in, r], orthonormal) spans the rows of
     W^T Omega (after `power_iters` rounds of W^T W), and W_r = (W Q) Q^T is the projection of W on them, so
-    its kept energy is ||W Q|| / ||W||."""
+    its kept energy is ||W Q|| / ||W||. `omega`: Omega given (`sketch_matrix`; e.g. under torch.func.vmap,
+    which draws no random numbers)."""
     K, d_out, d_in = W.shape
     r = min(rank, d_out, d_in)
-    if generator is None:
-        generator = torch.Generator(device=W.device).manual_seed(SEED)
-    omega = torch.randn(K, d_out, r, generator=generator, device=W.device, dtype=W.dtype)
+    if omega is None:
+        omega = sketch_matrix(K, d_out, r, W.device, W.dtype, generator)
     Wt = W.transpose(1, 2)
     Q = _orthonormal(Wt @ omega)                             # [K, d_in, r]
     for _ in range(power_iters):                             # re-orthonormalise between products (stability)

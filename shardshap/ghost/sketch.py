@@ -10,6 +10,7 @@ are the same). `kept_energy` measures what the projection keeps of the step's W.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -39,12 +40,13 @@ def kept_energy(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
                        torch.ones_like(norm)).clamp(max=1.0).min()
 
 
-def find_basis(W: torch.Tensor, rank: int) -> Basis:
+def find_basis(W: torch.Tensor, rank: int, omega: Optional[torch.Tensor] = None) -> Basis:
     """Bases spanning every W_k ([K, m, n]) together, `rank` directions per target and side: each target's
     rows from a randomized range finder (lowrank.factorize: Q_k spans W_k^T Omega), its columns from W_k Q_k
-    (aligned with the rows found, better than a second random sketch), side by side over the targets."""
+    (aligned with the rows found, better than a second random sketch), side by side over the targets.
+    `omega`: factorize's Omega, given (under torch.func.vmap)."""
     K, m, n = W.shape
-    f = factorize(W, min(rank, m, n))
+    f = factorize(W, min(rank, m, n), omega=omega)
     return Basis(_span(f.left.permute(1, 0, 2).reshape(m, -1), K * rank),  # [m, K r]
                  _span(f.right.reshape(-1, n).T, K * rank))                # [n, K r]
 

@@ -26,12 +26,15 @@ def dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
     """[len(xs), K]: <x_i[k], y_i> for x_i [K, n_i] and y_i [n_i] (the same K for all; at least one pair).
 
     The products are laid end to end and summed per pair (`segment_reduce`): temporaries of K * sum n_i
-    numbers, which the caller bounds (`chunks`)."""
+    numbers (and as many in float64), which the caller bounds (`chunks`)."""
     K = xs[0].shape[0]
-    flat = torch.cat(torch._foreach_mul(xs, ys), dim=1)  # [K, sum n_i]
+    # summed in float64: segment_reduce adds sequentially, and a float32 sum of a large parameter's products,
+    # which cancel, would lose the digits that the completeness check compares
+    flat = torch.cat(torch._foreach_mul(xs, ys), dim=1).double()  # [K, sum n_i]
     lengths = _lengths(tuple(x.shape[1] for x in xs), K, flat.device)
     # (unsafe: lengths are right by construction; checking them would read the device back)
-    return torch.segment_reduce(flat, "sum", lengths=lengths, axis=1, unsafe=True).reshape(K, len(xs)).T
+    out = torch.segment_reduce(flat, "sum", lengths=lengths, axis=1, unsafe=True).reshape(K, len(xs)).T
+    return out.to(xs[0].dtype)
 
 
 @functools.lru_cache(maxsize=64)

@@ -6,8 +6,10 @@ host. A TorchDispatchMode counts every op of one warm step except views (`OpOver
 detach, slice, expand, transpose, ...), profiler markers and bare allocations (`empty*`), and counts as a
 sync `aten._local_scalar_dense` (what every host read of a tensor value dispatches), except reads of the
 optimizer's step counters (CPU scalars on a GPU too), and `tolist()` of floating-point tensors.
-A foreach op counts once: on a GPU it launches one kernel per chunk of many tensors. Workload: HF GPT-2
-(d 128, T 64, batch 8, one target, AdamW with clipping, `foreach=True` as on a GPU), at two depths.
+A foreach op counts once: on a GPU it launches one kernel per chunk of many tensors. Attribution takes
+its accelerator path (`shardshap.foreach.BATCH_KERNELS = True`: foreach secant, same-shaped layers
+stacked). Workload: HF GPT-2 (d 128, T 64, batch 8, one target, AdamW with clipping, `foreach=True` as on
+a GPU), at two depths.
 
     python benchmarks/launches.py                  # 4 and 8 layers, plain / exact / fast / streaming
     python benchmarks/launches.py --layers 8 --configs exact,streaming
@@ -24,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import shardshap  # noqa: E402
+import shardshap.foreach  # noqa: E402
 
 CONFIGS = {
     "exact": dict(),
@@ -128,6 +131,7 @@ def count(layers: int, config: dict | None, warm: int = 12):
 
 
 def main():
+    shardshap.foreach.BATCH_KERNELS = True  # the accelerator path (foreach, stacked layers), counted on a CPU
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of " + ", ".join(CONFIGS))

@@ -1,12 +1,23 @@
-"""Reductions over many tensors in a few kernels: one launch per group of parameters on a GPU, not one per
-parameter (torch's `_foreach_*` ops do the element-wise part)."""
+"""Math over many tensors in a few kernels: one launch per group of parameters on a GPU, not one per
+parameter (torch's `_foreach_*` ops do the element-wise part), and when to use it (`batched`)."""
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
 CHUNK_NUMBERS = 1 << 26  # products held at once (256 MiB in fp32) before they are summed
+# Batched kernels (foreach secant, layers stacked under vmap, segment sums): None = on accelerators only. A
+# CPU launches nothing and runs foreach ops tensor by tensor; there the stacking copies and the longer
+# kernels cost time (W1: secant 85 vs 68 ms, products 380 vs 310 ms, completeness dots 47 vs 6 ms).
+# True / False force it (benchmarks/launches.py counts the accelerator path on a CPU).
+BATCH_KERNELS: Optional[bool] = None
+
+
+def batched(device) -> bool:
+    """Whether attribution on `device` takes many parameters per kernel (BATCH_KERNELS)."""
+    return BATCH_KERNELS if BATCH_KERNELS is not None else torch.device(device).type != "cpu"
 
 
 def chunks(numbers: list[int], budget: int = CHUNK_NUMBERS) -> list[list[int]]:
@@ -25,8 +36,11 @@ def chunks(numbers: list[int], budget: int = CHUNK_NUMBERS) -> list[list[int]]:
 def dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
     """[len(xs), K]: <x_i[k], y_i> for x_i [K, n_i] and y_i [n_i] (the same K for all; at least one pair).
 
-    The products are laid end to end and summed per pair (`segment_reduce`): temporaries of K * sum n_i
-    numbers (and as many in float64), which the caller bounds (`chunks`)."""
+    Batched (`batched`), the products are laid end to end and summed per pair (`segment_reduce`):
+    temporaries of K * sum n_i numbers (and as many in float64), which the caller bounds (`chunks`); else one
+    dot per pair."""
+    if not batched(xs[0].device):
+        return torch.stack([torch.linalg.vecdot(x, y) for x, y in zip(xs, ys)])
     K = xs[0].shape[0]
     # summed in float64: segment_reduce adds sequentially, and a float32 sum of a large parameter's products,
     # which cancel, would lose the digits that the completeness check compares

@@ -12,6 +12,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..errors import BatchShapeError, UnsupportedModule
+from ..foreach import batched
 from .lowrank import MIN_ENERGY, Factors, factorize, sketch_matrix, worth_it
 from .players import MicroPlayers, Players
 from .registry import ProductRule, grads_products, product_rule_for
@@ -213,11 +214,12 @@ def _batch_key(job: _Job, per_position: bool):
 
 def _batches(jobs: list[_Job], per_position: bool) -> list[list[_Job]]:
     """The jobs in groups of equal batch keys (in order of first appearance), each holding at most about
-    GROUP_NUMBERS numbers of captures."""
+    GROUP_NUMBERS numbers of captures; each on its own where kernels are not batched (foreach.batched)."""
     groups: dict = {}
     out = []
     for job in jobs:
-        key = _batch_key(job, per_position)
+        key = _batch_key(job, per_position) if batched(job.call.e.device if job.call.e is not None else
+                                                       next(iter(job.call.grads.values())).device) else None
         numbers = sum(x.numel() for x in (job.call.grads or {"a": job.call.a, "e": job.call.e}).values())
         group = groups.get(key) if key is not None else None
         if group is None or group[1] + numbers > GROUP_NUMBERS:
@@ -608,7 +610,7 @@ class Capture:
         """The attributed parameters ([(name, id)]) in groups that `sketched` takes together: same W shape, same
         basis shapes, and the same sketches taken in every micro-batch."""
         items = [(name, id(p)) for name, p in self.plan.params.items()]
-        if not isinstance(W, dict):
+        if not isinstance(W, dict) or not items or not batched(self.plan.params[items[0][0]].device):
             return [[item] for item in items]
         stream, groups = self._stream, {}
         for name, pid in items:

@@ -226,7 +226,9 @@ def test_layers_of_one_shape_batched_together_keep_their_own_products(make, K, m
     """Capture.products runs the calls of same-shaped layers as one batched call (capture.GROUP_NUMBERS):
     every parameter's per-sample products still equal its own explicit ones (a mix-up of layers within a
     batch would keep the sum over parameters and fail here), and equal those taken one call at a time."""
+    from shardshap import foreach
     from shardshap.ghost import capture as capture_module
+    monkeypatch.setattr(foreach, "BATCH_KERNELS", True)  # (the accelerator path; a CPU takes calls one by one)
     case = make(batch_size=5, n_targets=K)
     (ids, mask), _ = case.batches(0)
     model = case.model

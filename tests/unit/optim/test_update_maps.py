@@ -102,11 +102,15 @@ def test_compiled_kernel_falls_back_to_eager(monkeypatch):
         adam.compiled_adamw_secant.cache_clear()  # the next user compiles for real
 
 
+@pytest.mark.parametrize("at_once", [True, False])
 @pytest.mark.parametrize("warm_steps", [0, 5])
-def test_step_maps_of_many_parameters_are_their_real_steps(warm_steps):
-    """`step_maps` takes a step's parameters at once (foreach kernels for the common Adam case): across
-    parameter groups with other hyperparameters, amsgrad and L2 decay among them, each map is the real step."""
+def test_step_maps_of_many_parameters_are_their_real_steps(warm_steps, at_once, monkeypatch):
+    """`step_maps` takes a step's parameters at once (foreach kernels for the common Adam case, where kernels
+    are batched): across parameter groups with other hyperparameters, amsgrad and L2 decay among them, each
+    map is the real step."""
+    from shardshap import foreach
     from shardshap.backends import OwnedSlice
+    monkeypatch.setattr(foreach, "BATCH_KERNELS", at_once)
     gen = torch.Generator().manual_seed(1)
     params = [torch.nn.Parameter(torch.randn(n, generator=gen, dtype=torch.float64)) for n in (64, 7, 33, 5)]
     opt = torch.optim.Adam([{"params": params[:2], "lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True},

@@ -1,0 +1,38 @@
+"""The accelerator path (shardshap.foreach.BATCH_KERNELS: foreach secant and dots, same-shaped layers stacked
+under vmap) gives the values of the per-parameter path a CPU takes, float64, in every schedule."""
+import copy
+
+import pytest
+import torch
+
+import shardshap
+from shardshap import foreach
+from shardshap.testing import cases
+
+
+@pytest.mark.parametrize("config", [dict(), dict(schedule="streaming"), dict(order=1, max_grad_norm=None),
+                                    dict(schedule="streaming", stream_predictor="momentum")],
+                         ids=["cached", "streaming", "order1-noclip", "streaming-momentum"])
+def test_batched_kernels_give_the_per_parameter_values(config, monkeypatch):
+    case = cases.tiny_gpt2(batch_size=6, n_targets=2)
+    opt = torch.optim.AdamW(case.model.parameters(), lr=1e-2, weight_decay=0.1)
+    for s in range(3):  # past Owen's cold steps, so that the secant runs
+        opt.zero_grad()
+        case.train_loss(case.model, case.batches(s)[0]).mean().backward()
+        opt.step()
+    cfg = shardshap.Config(**{"max_grad_norm": 0.05, **config})
+    runs = {}
+    for at_once in (True, False):
+        monkeypatch.setattr(foreach, "BATCH_KERNELS", at_once)
+        model, o = copy.deepcopy((case.model, opt))
+        with shardshap.Attributor(model, o, case.train_loss, case.target_loss, cfg) as attr:
+            outs = [attr.step(*case.batches(s), None) for s in (3, 4)]  # (streaming: the second step sketches)
+        runs[at_once] = (outs, [p.detach().clone() for p in model.parameters()])
+    (batched, params_b), (alone, params_a) = runs[True], runs[False]
+    for b, a in zip(batched, alone):
+        scale = a.scores.abs().max()
+        assert scale > 0
+        torch.testing.assert_close(b.scores, a.scores, rtol=0, atol=1e-10 * float(scale))
+        assert b.clip_factor == a.clip_factor
+    for pb, pa in zip(params_b, params_a):
+        assert torch.equal(pb, pa), "training must not depend on how attribution batches its kernels"

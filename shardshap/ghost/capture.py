@@ -212,14 +212,13 @@ def _batch_key(job: _Job, per_position: bool):
     return None
 
 
-def _batches(jobs: list[_Job], per_position: bool) -> list[list[_Job]]:
+def _batches(jobs: list[_Job], per_position: bool, enabled: bool) -> list[list[_Job]]:
     """The jobs in groups of equal batch keys (in order of first appearance), each holding at most about
-    GROUP_NUMBERS numbers of captures; each on its own where kernels are not batched (foreach.batched)."""
+    GROUP_NUMBERS numbers of captures; each on its own unless `enabled`."""
     groups: dict = {}
     out = []
     for job in jobs:
-        key = _batch_key(job, per_position) if batched(job.call.e.device if job.call.e is not None else
-                                                       next(iter(job.call.grads.values())).device) else None
+        key = _batch_key(job, per_position) if enabled else None
         numbers = sum(x.numel() for x in (job.call.grads or {"a": job.call.a, "e": job.call.e}).values())
         group = groups.get(key) if key is not None else None
         if group is None or group[1] + numbers > GROUP_NUMBERS:
@@ -677,7 +676,8 @@ class Capture:
     def _take_products(self, jobs: list["_Job"], parts: dict[str, list], dtype: torch.dtype) -> None:
         """Products of module calls, added into `parts` (canonical name -> per micro-batch [m, K]); calls that
         one batched call can take (same rule and shapes) run together."""
-        for group in _batches(jobs, self.players.per_position):
+        device = next(iter(self.plan.params.values())).device
+        for group in _batches(jobs, self.players.per_position, batched(device)):
             first = group[0]
             with record_function(f"shardshap.products.{type(first.am.rule).__name__}"):
                 if len(group) == 1:

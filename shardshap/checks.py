@@ -5,13 +5,12 @@ Checks of values (finite losses, products that add up) leave their verdicts on t
 per check (on a GPU every read stalls the host until the device has caught up)."""
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import torch
 
 from .errors import AttributionError
-from .foreach import chunks, dots
+from .foreach import chunks, dots, on_device
 
 
 class HostRead:
@@ -30,8 +29,10 @@ class HostRead:
         checks, self._checks = self._checks, []
         tensors = [t.reshape(1).double() for t in [f for f, _ in checks] + [v for v in values if torch.is_tensor(v)]]
         read = iter(torch.cat([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])  # one sync
-        for _, raise_error in [c for c, verdict in zip(checks, read) if verdict]:
-            raise_error()
+        verdicts = [next(read) for _ in checks]
+        for (_, raise_error), failed in zip(checks, verdicts):
+            if failed:
+                raise_error()
         return [next(read) if torch.is_tensor(v) else float(v) for v in values]
 
     def raise_failed(self) -> None:
@@ -151,10 +152,5 @@ def check_completeness(backend, plan, per_param: dict[str, torch.Tensor], stacke
             "parameter is probably used outside the module that owns it (a functional call such as "
             "F.linear(x, module.weight)) or broadcast across the batch. Exclude it with Config(exclude=[...]) "
             "or route its use through its module; the optimizer step was not taken.")
-    reads.check((rel > _on(tol, rel.dtype, rel.device)).any(), raise_error)
+    reads.check((rel > on_device(tol, rel.dtype, rel.device)).any(), raise_error)
 
-
-@functools.lru_cache(maxsize=64)
-def _on(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`values` as a tensor on the device, copied there once per distinct tuple (a copy can wait on the device)."""
-    return torch.tensor(values, dtype=dtype, device=device)

@@ -45,14 +45,14 @@ def dots(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
     # summed in float64: segment_reduce adds sequentially, and a float32 sum of a large parameter's products,
     # which cancel, would lose the digits that the completeness check compares
     flat = torch.cat(torch._foreach_mul(xs, ys), dim=1).double()  # [K, sum n_i]
-    lengths = _lengths(tuple(x.shape[1] for x in xs), K, flat.device)
+    lengths = on_device((tuple(x.shape[1] for x in xs),) * K, torch.int64, flat.device)  # [K, pairs]
     # (unsafe: lengths are right by construction; checking them would read the device back)
     out = torch.segment_reduce(flat, "sum", lengths=lengths, axis=1, unsafe=True).reshape(K, len(xs)).T
     return out.to(xs[0].dtype)
 
 
 @functools.lru_cache(maxsize=64)
-def _lengths(lengths: tuple, K: int, device: torch.device) -> torch.Tensor:
-    """[K, pairs] segment lengths on the device, copied there once per model layout (a copy to the device
-    can wait for it)."""
-    return torch.tensor(lengths).expand(K, len(lengths)).contiguous().to(device)
+def on_device(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """`values` (numbers, or tuples of them) as a tensor on the device, copied there once per distinct value:
+    a copy to the device can wait for it."""
+    return torch.tensor(values, dtype=dtype, device=device)

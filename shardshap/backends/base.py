@@ -164,13 +164,10 @@ class Backend(ABC):
     def shifted(self, shards: dict[int, OwnedSlice], shifts: Optional[dict[int, torch.Tensor]]) -> Iterator[None]:
         """Inside the block the model computes at theta + shift (per owned element); on exit every value is
         restored bit-exactly, also on error. `shifts=None`: the parameters as they are."""
-        if shifts is None:
+        if shifts is None or not shards:
             yield
             return
         values = [sh.value for sh in shards.values()]
-        if not values:
-            yield
-            return
         with torch.no_grad():  # (foreach: a few kernels for all parameters, not one per parameter)
             saved = torch._foreach_clone(values)
         try:

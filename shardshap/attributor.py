@@ -27,7 +27,7 @@ from .backends import detect
 from .checks import HostRead, check_completeness, check_ids, check_loss
 from .compiled import compile_ready, is_compiled, uncompiled
 from .config import Config
-from .errors import AttributionError, ConfigError, ShardshapError, StoreError
+from .errors import AttributionError, ConfigError, ShardshapError, StoreError, UnsupportedEngine
 from .estimators.owen import is_cold, owen_cold_start
 from .estimators.predict import predicted_grad
 from .foreach import chunks, dots
@@ -175,6 +175,9 @@ class Attributor(Stateful):
             self.config.compute_dtype, torch.float64 if any_f64 else torch.float32)
         cache_dtype = {None: None, "bfloat16": torch.bfloat16}[self.config.cache_dtype]
         self.capture = Capture(self.plan, cache_dtype=cache_dtype, compute_dtype=self.dtype)
+        self.capture.model_parallel = self.backend.model_parallel()
+        if self.capture.model_parallel is not None:
+            _check_model_parallel_config(self.config)
         self._device = next(iter(self.plan.params.values())).device
         if self.config.cache_dtype is not None or self.config.target_dtype is not None:
             warn_if_bf16_is_emulated(self._device)
@@ -282,6 +285,9 @@ class Attributor(Stateful):
     def _record(self, sample_ids):
         try:  # any failure drops the whole step's recordings: the next step starts clean
             rec = Recording(_as_ids(sample_ids, len(self._recorded)))
+            if rec.sample_ids.dim() == 2 and self.backend.mp_group is not None:
+                raise UnsupportedEngine("per-position sample_ids (packed documents) are not supported under tensor "
+                                        "parallelism yet; pass one id per sample")
             if len(rec.sample_ids) == 0:
                 raise AttributionError("the step has no samples (empty sample_ids): pass at least one sample "
                                        "per micro-batch")
@@ -554,6 +560,7 @@ class Attributor(Stateful):
                 products = self.capture.products(W, dtype, rank=cfg.product_rank, num_targets=K)
         per_param = products.per_param
         stacked = self._stacked(per_param)
+        backend.all_reduce(stacked, over="mp")  # (tensor parallelism: each rank computed its part of the products)
         if cfg.check_completeness:
             with record_function("shardshap.completeness"):
                 check_completeness(backend, self.plan, per_param, stacked,
@@ -708,7 +715,7 @@ class Attributor(Stateful):
     def _write(self, result: StepResult) -> bool:
         """Buffer the step in the store, every check first (before the optimizer steps); True when
         something was buffered."""
-        if self.store_path is None:
+        if self.store_path is None or self.backend.mp_rank != 0:  # (model-parallel ranks hold the same values)
             return False
         with record_function("shardshap.store"):
             if self._writer is None:
@@ -729,6 +736,16 @@ def _times_multiplier(frozen, attributed, h, shards) -> dict:
         W = torch._foreach_mul([frozen[id(p)].multiplier.unsqueeze(0) for p, _ in moved], [hp for _, hp in moved])
         owned.update({id(p): w for (p, _), w in zip(moved, W)})
     return owned
+
+
+def _check_model_parallel_config(config: Config) -> None:
+    """Tensor parallelism supports the cached schedule with exact products (checked before any step)."""
+    unsupported = {"schedule": config.schedule != "cached", "product_rank": config.product_rank is not None,
+                   "curvature": config.order == 2 and config.curvature == "hvp"}
+    bad = [name for name, is_bad in unsupported.items() if is_bad]
+    if bad:
+        raise UnsupportedEngine(f"under tensor parallelism Config.{', Config.'.join(bad)} is not supported yet: use "
+                                "schedule='cached', product_rank=None and curvature='midpoint'")
 
 
 def _name_the_culprit(err: BaseException) -> None:

@@ -139,7 +139,11 @@ def check_completeness(backend, plan, per_param: dict[str, torch.Tensor], stacke
         if lows:
             rounding[[chunk[j] for j in lows]] = dots(torch._foreach_abs([w[j] for j in lows]),
                                                       torch._foreach_abs([g[chunk[j]] for j in lows]))
-    exp_and_rounding = backend.reduce_partial(torch.stack([expected, rounding], 1) / clip)
+    partial = torch.stack([expected, rounding], 1) / clip
+    counted = tuple(float(shards[id(p)].counted) for p in params)
+    if not all(counted):  # (another model-parallel rank counts its copy of these)
+        partial = partial * on_device(counted, partial.dtype, partial.device)[:, None, None]
+    exp_and_rounding = backend.reduce_partial(partial)
     (ghost, magnitude), (exp, rounding) = sums.unbind(1), exp_and_rounding.unbind(1)  # each [params, K]
     tol = tuple(TOLERANCE.get(precision[n], LOW_PRECISION_TOLERANCE) for n in names)
     rel = ((ghost - exp).abs() / (magnitude + exp.abs() + rounding + 1e-30)).amax(1)

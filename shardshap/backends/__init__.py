@@ -1,5 +1,6 @@
 """Training engines the Attributor runs under, each behind the `Backend` contract (backends/base.py):
-one process and DDP (local.py), FSDP2 (fsdp.py), DeepSpeed ZeRO-1/2/3 (deepspeed.py)."""
+one process and DDP (local.py), DTensor parameters: FSDP2, HSDP, tensor parallelism (dtensor.py), DeepSpeed
+ZeRO-1/2/3 (deepspeed.py)."""
 from __future__ import annotations
 
 import sys
@@ -27,13 +28,14 @@ def detect(model: nn.Module) -> Backend:
     if _is_deepspeed_engine(model):
         from .deepspeed import ZeroBackend
         return ZeroBackend(model)
-    from .fsdp import FSDP2Backend
-    if FSDP2Backend.owns(model):
-        return FSDP2Backend(model)
+    from .dtensor import DTensorBackend
+    if DTensorBackend.owns(model):
+        return DTensorBackend(model)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise UnsupportedEngine(
             "torch.distributed is initialised with several ranks but the model is not wrapped: wrap it in "
-            "torch.nn.parallel.DistributedDataParallel or shard it with torch.distributed.fsdp.fully_shard")
+            "torch.nn.parallel.DistributedDataParallel, shard it with torch.distributed.fsdp.fully_shard or split it "
+            "with torch.distributed.tensor.parallel.parallelize_module")
     return LocalBackend(model)
 
 

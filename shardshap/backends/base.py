@@ -6,11 +6,13 @@ back (`shifted`), and how to talk to the other ranks. Every collective shardshap
 the methods of the "communication" section, on a named process group and on the group's device
 (CUDA under NCCL), so that adding a backend never means finding raw `torch.distributed` calls.
 
-Process groups:
-- `dp_group` / `dp_size` / `dp_rank`: the data-parallel group, whose ranks see different samples.
+Process groups, by the name the collectives take (`over=`):
+- "dp" (`dp_group` / `dp_size` / `dp_rank`): the data-parallel group, whose ranks see different samples.
   Each sample's share of the gradient is 1/dp_size of its local contribution (the engines average).
-- `mp_group`: the model-parallel group (tensor/sequence parallel), whose ranks see the same samples and
-  hold parts of each layer. None: no model parallelism (the only layout supported today).
+- "shard": the data-parallel ranks over which parameters are partitioned (the dp group itself, except under
+  HSDP, where it is the shard dimension of the data-parallel mesh).
+- "mp": the model-parallel group (tensor/sequence parallel), whose ranks see the same samples and hold
+  parts of each layer. None: no model parallelism.
 A backend with a process group takes the collective code paths even when the group has one rank, so
 that a one-GPU NCCL run exercises them; only the single-process backend (no group) skips them.
 
@@ -42,7 +44,9 @@ class OwnedSlice:
     grad: Optional[torch.Tensor]  # the owned elements of the gradient the optimizer receives
     state: dict           # optimizer state of the owned elements (tensors flat; scalars as they are)
     group: dict           # the parameter group's hyperparameters
-    start: int = 0        # offset of the owned range in param.flatten()
+    start: int = 0        # offset of the owned range in the flattened full_shape
+    counted: bool = True  # the owned elements count in sums over ranks (False where another model-parallel
+    #                       rank holds the same replicated copy and counts it)
 
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -69,7 +73,9 @@ class Backend(ABC):
         self.dp_group = dp_group
         self.dp_size = dist.get_world_size(dp_group) if self.distributed else 1
         self.dp_rank = dist.get_rank(dp_group) if self.distributed else 0
+        self.shard_group = dp_group
         self.mp_group: Optional[dist.ProcessGroup] = None
+        self.mp_size, self.mp_rank = 1, 0
         self.comm_device = _communication_device(dp_group) if self.distributed else torch.device("cpu")
         self.bytes_sent = 0  # payload of shardshap's own collectives on this rank (reported per step)
         self.collective_log: Optional[list] = None  # set to [] to record (op, shape, dtype) of each collective
@@ -110,6 +116,10 @@ class Backend(ABC):
     def no_sync(self, last_micro_batch: bool):
         """A context that skips the engine's gradient synchronisation on all but the last micro-batch."""
         return nullcontext()
+
+    def model_parallel(self):
+        """The tensor-parallel layout the products need (ghost.parallel.ModelParallel), or None."""
+        return None
 
     # ---------------------------------------------------------------- parameters
     @abstractmethod
@@ -192,15 +202,19 @@ class Backend(ABC):
         out = collective(tensor.to(self.comm_device))
         return tensor.copy_(out) if torch.is_tensor(out) else [o.to(tensor.device) for o in out]
 
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Reduce `tensor` in place over the data-parallel group ('sum' or 'max'); returns it."""
-        if not self.distributed:
+    def _group(self, over: str) -> Optional[dist.ProcessGroup]:
+        return {"dp": self.dp_group, "shard": self.shard_group, "mp": self.mp_group}[over]
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", over: str = "dp") -> torch.Tensor:
+        """Reduce `tensor` in place over a process group ('sum' or 'max'); returns it."""
+        group = self._group(over)
+        if group is None:
             return tensor
 
         def reduce(t):
-            dist.all_reduce(t, op=_REDUCE_OPS[op], group=self.dp_group)
+            dist.all_reduce(t, op=_REDUCE_OPS[op], group=group)
             return t
-        return self._run(f"all_reduce_{op}", tensor, reduce)
+        return self._run(f"all_reduce_{op}" + ("" if over == "dp" else f"_{over}"), tensor, reduce)
 
     def all_ok(self, ok: bool) -> bool:
         """True when `ok` on every data-parallel rank (one all-reduce): lets every rank stop together when one
@@ -211,19 +225,23 @@ class Backend(ABC):
         return self.all_reduce(tensor, "sum")
 
     def reduce_partial(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum partial results computed on owned elements (a no-op where every rank owns everything)."""
-        return self.all_reduce_sum(tensor) if self.partitioned else tensor
+        """Sum partial results computed on owned elements over the ranks that own different elements (a no-op
+        where every rank owns everything). Terms of OwnedSlices that are not `counted` must be left out."""
+        if self.partitioned:
+            self.all_reduce(tensor, over="shard")
+        return self.all_reduce(tensor, over="mp")
 
-    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Every data-parallel rank's `tensor` (same shape on every rank), in rank order."""
-        if not self.distributed:
+    def all_gather(self, tensor: torch.Tensor, over: str = "dp") -> list[torch.Tensor]:
+        """Every rank's `tensor` (same shape on every rank) of a process group, in rank order."""
+        group = self._group(over)
+        if group is None:
             return [tensor]
 
         def gather(t):
-            parts = [torch.empty_like(t) for _ in range(self.dp_size)]
-            dist.all_gather(parts, t.contiguous(), group=self.dp_group)
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, t.contiguous(), group=group)
             return parts
-        return self._run("all_gather", tensor, gather)
+        return self._run("all_gather" + ("" if over == "dp" else f"_{over}"), tensor, gather)
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """`tensor` of data-parallel rank `src` on every rank (in place)."""

@@ -54,7 +54,7 @@ def owen_cold_start(backend, capture, update_rule, shards, frozen, cold, clip, d
     Every rank runs this in the same parameter order (collectives inside)."""
     n = int(backend.all_reduce_sum(torch.tensor([capture.players.n], dtype=torch.int64)).item())
     sum_sq = capture.sum_of_squares({id(p) for p, _ in cold}, dtype)
-    offset = 0.0
+    offset = torch.zeros(cold[0][1].shape[0], dtype=dtype, device=cold[0][1].device)
     for p, hp in cold:
         sh = shards[id(p)]
         full = sum_sq.get(id(p), torch.zeros(backend.full_shape(p), dtype=dtype, device=hp.device))
@@ -63,6 +63,7 @@ def owen_cold_start(backend, capture, update_rule, shards, frozen, cold, clip, d
         grad = sh.grad.to(dtype) / clip  # sum of the per-sample contributions, before clipping
         owen = owen_multiplier(update_rule.displacement_fn(sh.value, sh.group, sh.state, dtype),
                                grad, backend.owned(sh, full), n, clip)
-        offset = offset + ((frozen[id(p)].multiplier - owen) * grad).unsqueeze(0).mul(hp).sum(1)
+        if sh.counted:  # (another model-parallel rank counts its copy)
+            offset = offset + ((frozen[id(p)].multiplier - owen) * grad).unsqueeze(0).mul(hp).sum(1)
         frozen[id(p)].multiplier = owen
     return backend.reduce_partial(offset) / n

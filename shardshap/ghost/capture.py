@@ -4,7 +4,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -14,6 +14,7 @@ from torch.profiler import record_function
 from ..errors import BatchShapeError, UnsupportedModule
 from ..foreach import batched
 from .lowrank import MIN_ENERGY, Factors, factorize, sketch_matrix, worth_it
+from .parallel import ModelParallel, local_capture
 from .players import MicroPlayers, Players
 from .registry import ProductRule, grads_products, product_rule_for
 from .sketch import Basis, find_basis, flat_products, kept_energy
@@ -113,6 +114,13 @@ class _Call:
     a: Optional[torch.Tensor]   # the module input (released once `grads` is taken)
     e: Optional[torch.Tensor] = None
     grads: Optional[dict[str, torch.Tensor]] = None  # per-sample gradients (ProductRule.reduce_in_backward)
+    token_split: bool = False  # tensor parallelism: the captures hold this rank's tokens only
+    module: Optional[nn.Module] = None  # tensor parallelism: the module as its local slice (ProductRule.local_view)
+
+
+def _as_called(am: AttributedModule, call: _Call) -> AttributedModule:
+    """The attributed module with the module its call's captures belong to (its local slice, if any)."""
+    return am if call.module is None else replace(am, module=call.module)
 
 
 class _Tap(torch.autograd.Function):
@@ -336,9 +344,12 @@ class Capture:
         self._seen: dict[str, torch.dtype] = {}  # module name -> lowest dtype of its output gradients this step
         self._probe: Optional[list] = None  # while probing: [(module name, tapped output)] of the forward
         self.tapped = 0  # module calls tapped this step (none: the hooks did not run, e.g. a stale compiled graph)
+        self.model_parallel: Optional[ModelParallel] = None  # tensor parallelism (set by the Attributor)
         self._handles = []
         for am in plan_.modules:
-            self._handles.append(am.module.register_forward_hook(self._hook(am)))
+            # (first among the forward hooks: a tensor-parallel module's own hook would turn its DTensor output
+            # into a local tensor whose layout is no longer known)
+            self._handles.append(am.module.register_forward_hook(self._hook(am), prepend=True))
 
     def _context(self) -> Optional[tuple[int, int]]:
         """(batch size, micro-batch) a module call belongs to, or None when it is not recorded."""
@@ -371,25 +382,35 @@ class Capture:
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 # no backward reaches this call (no_grad, or a reentrant checkpoint's first pass)
                 return output if expanded is not None else None
-            tapped = _Tap.apply(output, a.detach(), lambda a_, e_: self._arrived(am, micro, batch_size, a_, e_))
+            a, a_split = local_capture(a.detach(), am.name)
+            tapped = _Tap.apply(output, a, lambda a_, e_: self._arrived(am, micro, batch_size, a_, e_, a_split))
             self.tapped += 1
             if self._probe is not None:
                 self._probe.append((am.name, tapped))
             return tapped
         return torch.compiler.disable(hook)  # (compiled models: run eagerly, not retraced per module)
 
-    def _arrived(self, am: AttributedModule, micro: int, batch_size: int, a: torch.Tensor, e: torch.Tensor) -> None:
+    def _arrived(self, am: AttributedModule, micro: int, batch_size: int, a: torch.Tensor, e: torch.Tensor,
+                 a_split: bool = False) -> None:
         """The backward reached one call of `am`: its input `a` and output gradient `e` are hot."""
         if self._muted:  # the batch-first probe's backward
             return
+        e, e_split = local_capture(e, am.name)
         with exact_math(e.device):  # (a backward inside the user's autocast runs under it)
-            self._take(am, micro, a, e)
+            self._take(am, micro, a, e, a_split or e_split)
 
-    def _take(self, am: AttributedModule, micro: int, a: torch.Tensor, e: torch.Tensor) -> None:
+    def _take(self, am: AttributedModule, micro: int, a: torch.Tensor, e: torch.Tensor, token_split: bool) -> None:
         self._seen[am.name] = _lowest(e.dtype, self._seen.get(am.name, e.dtype))  # (autocast, mixed precision)
         low = self._low_dtype(am)
         grads = None
         mp = self.players.micro[micro]
+        module = None
+        splits = self.model_parallel.splits if self.model_parallel is not None else {}
+        split = {local: splits[id(p)] for local, p in am.params.items() if id(p) in splits}
+        if split:  # this rank holds a slice of the module's parameters
+            view, a, e = am.rule.local_view(am.module, a, e, split)
+            if view is not am.module:
+                module, am = view, replace(am, module=view)
         if am.rule.reduce_in_backward:  # take the per-player gradients now and keep them instead of (a, e)
             dtype = self.compute_dtype or torch.promote_types(e.dtype, torch.float32)
             grads = _call_grads(am, a.to(dtype) if a.is_floating_point() else a, e.to(dtype), list(am.params), mp)
@@ -397,7 +418,7 @@ class Capture:
         stream = self._stream
         if stream is None:
             self.calls[am.name].append(_Call(micro, None if a is None else _cast(a, low),
-                                             None if e is None else _cast(e, low), grads))
+                                             None if e is None else _cast(e, low), grads, token_split, module))
             return
         work = stream.dtype if low is None else low
         with record_function(f"shardshap.products.{type(am.rule).__name__}"):
@@ -665,7 +686,7 @@ class Capture:
                 rule, f = factors[id(am.params["weight"])]
                 if rule is am.rule:  # same orientation; other uses of a tied weight take the dense W_r
                     Wm["weight"] = f
-            jobs += [_Job(am, call, Wm, dtype if low is None else low) for call in self.calls[am.name]]
+            jobs += [_Job(_as_called(am, call), call, Wm, dtype if low is None else low) for call in self.calls[am.name]]
             if not isinstance(W, dict):  # gathered on read: one module's W at a time, in plan order on every rank
                 self._take_products(jobs, parts, dtype)
                 jobs = []
@@ -686,9 +707,13 @@ class Capture:
                                               self.players.micro[first.call.micro])]
                 else:
                     results = _batched_products(group)
+            mp = self.model_parallel
             for job, res in zip(group, results):
                 for local, val in res.items():
-                    acc, val = parts[self._names[id(job.am.params[local])]], val.to(dtype)
+                    pid = id(job.am.params[local])
+                    if mp is not None and not mp.contributes(pid, job.call.token_split):
+                        continue  # (whole on every model-parallel rank: rank 0's part is the one summed)
+                    acc, val = parts[self._names[pid]], val.to(dtype)
                     micro = job.call.micro
                     acc[micro] = val if acc[micro] is None else acc[micro] + val
 
@@ -744,8 +769,11 @@ class Capture:
                     for call in self.calls[am.name]:
                         if call.micro != micro:
                             continue
-                        for local, g in self._player_grads(am, call, names, mp, chosen, dtype).items():
+                        for local, g in self._player_grads(_as_called(am, call), call, names, mp, chosen,
+                                                           dtype).items():
                             pid = id(am.params[local])
+                            if call.token_split:  # this rank's tokens only: add the ranks' parts up
+                                g = self.model_parallel.sum(g)
                             if pid not in acc:
                                 acc[pid] = g.new_zeros(hi - lo, *g.shape[1:])
                             acc[pid].index_add_(0, into.to(g.device), g)

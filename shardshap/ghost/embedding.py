@@ -1,6 +1,8 @@
 """nn.Embedding: <grad_E l_i, W> = sum_t W[idx_t] . e_t, a gather (tied heads add their own use)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
@@ -27,6 +29,19 @@ class EmbeddingRule(ProductRule):
         if batch_size > 1 and idx.dim() >= 1 and idx.shape[0] == 1:
             return idx.expand(batch_size, *idx.shape[1:]), output.expand(batch_size, *output.shape[1:])
         return None
+
+    def local_view(self, module, a, e, splits):
+        """A vocabulary-split embedding (rows start..start+length on this rank) as an embedding of its own rows:
+        the tokens of other ranks' rows (and padding) get a zero output gradient."""
+        dim, start, length = splits["weight"]
+        if dim == 0:  # (a split of the features meets the local output gradient as it is)
+            keep = (a >= start) & (a < start + length)
+            if module.padding_idx is not None:
+                keep &= a != module.padding_idx
+            a = torch.where(keep, a - start, 0)
+            e = e * keep.unsqueeze(-1).to(e.dtype)
+            module = SimpleNamespace(padding_idx=None, num_embeddings=length)
+        return module, a, e
 
     @staticmethod
     def _flat(module, a, e):

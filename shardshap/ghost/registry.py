@@ -47,6 +47,14 @@ class ProductRule:
         did (training unchanged), while its per-sample slices stay apart for the products."""
         return None
 
+    def local_view(self, module: nn.Module, a: torch.Tensor, e: torch.Tensor,
+                   splits: dict[str, tuple[int, int, int]]) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        """Tensor parallelism: (module, a, e) as this rank's slice of the module, whose parameters named in
+        `splits` are this rank's (dim, start, length) slices. The default fits layers whose local captures
+        meet their local weights as they are (a column-split Linear's output gradient holds its own output
+        features, a row-split one's input its own input features)."""
+        return module, a, e
+
     def products(self, module: nn.Module, a: torch.Tensor, e: torch.Tensor,
                  W: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """{param name: Tensor[b, K]} = <per-sample gradient of that parameter, W[name][k]>.

@@ -114,6 +114,13 @@ def tiny_llama(batch_size=8, seed=0, dtype=torch.float64, T=12, vocab=48, n_targ
     return _lm_case("llama", model, vocab, T, batch_size, seed, n_targets)
 
 
+def tiny_transformer(batch_size=8, seed=0, dtype=torch.float64, T=12, vocab=48, n_targets=2) -> Case:
+    """A Llama-style model written for tensor and sequence parallelism (testing/tensor_parallel.py)."""
+    from .tensor_parallel import TinyTransformer
+    torch.manual_seed(seed)
+    return _lm_case("transformer", TinyTransformer(vocab=vocab).to(dtype), vocab, T, batch_size, seed, n_targets)
+
+
 def packed_lm(family="gpt2", rows=4, seed=0, dtype=torch.float64, T=12, vocab=48, n_targets=2,
               document_masked=True) -> Case:
     """Documents of 3-10 tokens packed into rows of T tokens (several per row, some cut across rows).

@@ -28,11 +28,12 @@ def local_micro_batches(case, step, rank, world):
 
 
 @functools.lru_cache(maxsize=4)
-def single_process_reference(clip, lr=3e-3, **config):
+def single_process_reference(clip, lr=3e-3, model="gpt2", **config):
     """Plain torch, one process, the same global batches (rank 0's micro-batches, then rank 1's): per step
-    {sample id: values}, the clip factors, and the final parameters and Adam moments by name. `config`:
-    further shardshap.Config fields (preset, schedule)."""
-    case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
+    {sample id: values}, the clip factors, and the final parameters and Adam moments by name. `model`: the case
+    (tiny_gpt2, or tiny_transformer for tensor parallelism); `config`: further shardshap.Config fields."""
+    build = {"gpt2": cases.tiny_gpt2, "transformer": cases.tiny_transformer}[model]
+    case = build(batch_size=GLOBAL_BATCH, dtype=torch.float32)
     opt = torch.optim.AdamW(case.model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
                                 shardshap.Config(max_grad_norm=clip, **config))

@@ -1,0 +1,90 @@
+"""One rank of a tensor-parallel attribution run (tests/distributed/test_tensor_parallel.py): the tiny transformer
+of shardshap.testing.tensor_parallel under one layout. Writes its per-sample values and the final parameters
+(whole, DTensor.full_tensor) to an .npz file per rank."""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+import shardshap
+from helpers.distributed import STEPS, local_micro_batches
+from shardshap.backends import init_distributed, shutdown
+from shardshap.backends.dtensor import clip_grad_norm_
+from shardshap.testing import cases
+from shardshap.testing.tensor_parallel import parallelize
+
+LAYOUTS = {  # name: (mesh shape, mesh dimension names)
+    "tp": ((2,), ("tp",)),
+    "tp-sp": ((2,), ("tp",)),
+    "fsdp-tp": ((2, 2), ("dp", "tp")),
+    "hsdp": ((2, 2), ("replicate", "shard")),
+}
+
+
+def build(layout: str, case):
+    """(model, data-parallel rank, data-parallel size) of a layout."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    shape, names = LAYOUTS[layout]
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    model = case.model
+    if layout in ("tp", "tp-sp"):
+        return parallelize(model, mesh, sequence_parallel=layout == "tp-sp"), 0, 1
+    if layout == "fsdp-tp":
+        parallelize(model, mesh["tp"])
+        for block in model.layers:
+            fully_shard(block, mesh=mesh["dp"])
+        return fully_shard(model, mesh=mesh["dp"]), mesh["dp"].get_local_rank(), 2
+    for block in model.layers:  # HSDP: replicate x shard, every rank its own samples
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh), mesh.get_rank(), 4
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--plain", action="store_true", help="train without attribution (the reference)")
+    ap.add_argument("--store", default=None, help="stream the values to this store")
+    ap.add_argument("--clip", type=float, default=0.05)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rank, _ = init_distributed()
+    from helpers.distributed import GLOBAL_BATCH
+    case = cases.tiny_transformer(batch_size=GLOBAL_BATCH, dtype=torch.float32)
+    model, dp_rank, dp_size = build(args.layout, case)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    attr = None if args.plain else shardshap.Attributor(
+        model, opt, case.train_loss, case.target_loss,
+        shardshap.Config(max_grad_norm=args.clip, num_samples=64), store=args.store)
+    ids_out, scores_out = [], []
+    for step in range(STEPS):
+        micro, micro_ids = local_micro_batches(case, step, dp_rank, dp_size)
+        if attr is None:
+            opt.zero_grad()
+            n = sum(len(i) for i in micro_ids)
+            for mb in micro:
+                (case.train_loss(model, mb).sum() / n).backward()
+            clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            continue
+        out = attr.step(micro, micro_ids, None)
+        ids_out.append(out.sample_ids.numpy())
+        scores_out.append(out.scores.numpy())
+        if rank == 0:
+            print(f"{args.layout} step {step}: clip {float(out.clip_factor):.4f}, shardshap collectives sent "
+                  f"{out.metadata['bytes_sent']} bytes", flush=True)
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p
+    params = {n: full(p.detach()).numpy() for n, p in case.model.named_parameters()}
+    if attr is None:
+        np.savez(f"{args.out}.rank{rank}.npz", **params)
+    else:
+        np.savez(f"{args.out}.rank{rank}.npz", ids=np.stack(ids_out), scores=np.stack(scores_out), **params)
+        attr.close()
+    shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    main()

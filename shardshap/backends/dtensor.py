@@ -60,11 +60,12 @@ class DTensorBackend(Backend):
     def __init__(self, model: nn.Module):
         from torch.distributed.tensor import DTensor
         dtensors = {name: p for name, p in model.named_parameters() if isinstance(p, DTensor)}
+        # one mesh, or a 2-D one and the data-parallel mesh of the parameters that FSDP2 shards but TP leaves whole
         meshes = {p.device_mesh for p in dtensors.values()}
-        if len(meshes) != 1:
-            raise UnsupportedEngine(f"DTensor parameters on {len(meshes)} different device meshes; shard and "
+        mesh = max(meshes, key=lambda m: m.ndim)
+        if any(m is not mesh and not set(m.mesh_dim_names or ()) < set(mesh.mesh_dim_names or ()) for m in meshes):
+            raise UnsupportedEngine(f"DTensor parameters on {len(meshes)} unrelated device meshes; shard and "
                                     "parallelise the whole model over one mesh (named dimensions, e.g. ('dp', 'tp'))")
-        mesh = meshes.pop()
         info = _fsdp_mesh_info(model)
         plain = [name for name, p in model.named_parameters() if name not in dtensors]
         if info is not None and plain:
@@ -85,8 +86,10 @@ class DTensorBackend(Backend):
         self.mesh, self.fsdp = mesh, info
         self._tp_dim = model_dims[0] if model_dims else None
         replicate = getattr(info, "replicate_mesh_dim", None)
-        self._replicate_dim = None if replicate is None else data_dims[replicate]
-        self._check_placements(dtensors, data_dims)
+        self._mesh_roles = ["tp" if d == self._tp_dim else
+                            "replicate" if replicate is not None and d == data_dims[replicate] else "shard"
+                            for d in range(mesh.ndim)]
+        self._check_placements(dtensors)
         super().__init__(model, model, self._data_parallel_group(data_dims))
         if info is not None:
             self.shard_group = info.shard_process_group
@@ -96,20 +99,29 @@ class DTensorBackend(Backend):
         self._shard_size = dist.get_world_size(self.shard_group) if self.shard_group is not None else 1
         self._shard_rank = dist.get_rank(self.shard_group) if self.shard_group is not None else 0
 
-    def _check_placements(self, dtensors: dict, data_dims: list[int]) -> None:
+    def _check_placements(self, dtensors: dict) -> None:
         from torch.distributed.tensor import Replicate, Shard
         for name, p in dtensors.items():
-            for d, placement in enumerate(p.placements):
-                if d in data_dims:
-                    ok = isinstance(placement, Replicate) if d == self._replicate_dim else \
-                        isinstance(placement, Shard) and placement.dim == 0
-                else:
+            for role, placement in zip(self._roles(p.device_mesh), p.placements):
+                if role == "tp":
                     ok = isinstance(placement, (Replicate, Shard)) and not placement.is_partial()
+                elif role == "replicate":
+                    ok = isinstance(placement, Replicate)
+                else:  # (FSDP2 over a tensor-parallel dim-0 split: a strided shard, whose local rows are still a chunk)
+                    ok = (isinstance(placement, Shard) or type(placement).__name__ == "_StridedShard") and \
+                        placement.dim == 0
                 if not ok:
                     raise UnsupportedEngine(
                         f"parameter {name} has placements {tuple(p.placements)} over mesh dimensions "
                         f"{p.device_mesh.mesh_dim_names}: supported are fully_shard's Shard(0) (Replicate() on "
                         "an HSDP replicate dimension) and a tensor-parallel Shard(d) or Replicate()")
+
+    def _roles(self, mesh) -> list[str]:
+        """Per dimension of a parameter's mesh (the model's, or its data-parallel sub-mesh): 'tp', 'shard' (FSDP2)
+        or 'replicate' (HSDP)."""
+        if mesh is self.mesh:
+            return self._mesh_roles
+        return [self._mesh_roles[self.mesh.mesh_dim_names.index(n)] for n in mesh.mesh_dim_names]
 
     def _data_parallel_group(self, data_dims: list[int]):
         """This rank's data-parallel group: the ranks of the mesh that differ only in the data-parallel
@@ -128,8 +140,10 @@ class DTensorBackend(Backend):
 
     # ---------------------------------------------------------------- layout of one parameter
     def _tp_placement(self, p):
+        """The parameter's placement over the model-parallel ranks (Replicate for parameters TP leaves whole)."""
         from torch.distributed.tensor import DTensor, Replicate
-        return p.placements[self._tp_dim] if isinstance(p, DTensor) and self._tp_dim is not None else Replicate()
+        roles = self._roles(p.device_mesh) if isinstance(p, DTensor) else []
+        return p.placements[roles.index("tp")] if "tp" in roles else Replicate()
 
     def full_shape(self, param: nn.Parameter) -> torch.Size:
         """The parameter's slice on this model-parallel rank (the products' weights; the whole parameter
@@ -238,12 +252,15 @@ def clip_grad_norm_(parameters, max_norm: float) -> tuple[torch.Tensor, torch.Te
     from torch.distributed.tensor import DTensor, Replicate
     params = [p for p in parameters if p.grad is not None]
     mesh = next(p.device_mesh for p in params if isinstance(p, DTensor))
-    grads = [p.grad if isinstance(p.grad, DTensor) else
-             DTensor.from_local(p.grad, mesh, [Replicate()] * mesh.ndim, run_check=False) for p in params]
-    total = torch.nn.utils.get_total_norm(grads)
-    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    by_mesh: dict = {}  # (FSDP2 x TP: parameters that TP leaves whole live on the data-parallel mesh alone)
+    for p in params:
+        g = p.grad if isinstance(p.grad, DTensor) else \
+            DTensor.from_local(p.grad, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        by_mesh.setdefault(g.device_mesh, []).append(g)
     plain = lambda t: t.full_tensor() if isinstance(t, DTensor) else t
-    total, factor = plain(total), plain(factor)
+    totals = [plain(torch.nn.utils.get_total_norm(grads)) for grads in by_mesh.values()]
+    total = totals[0] if len(totals) == 1 else torch.linalg.vector_norm(torch.stack(totals))
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     with torch.no_grad():
         for p in params:
             (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(factor)

@@ -526,7 +526,7 @@ class Attributor(Stateful):
 
     def _attribute(self, targets, sample_ids, sample_loss, grad_norm=None) -> StepResult:
         cfg, opt, dtype, backend = self.config, self.optimizer, self.dtype, self.backend
-        bytes_before = backend.bytes_sent
+        bytes_before, mp_bytes_before = backend.bytes_sent, backend.bytes_sent_mp
         with record_function("shardshap.shards"):
             shards = backend.shards(opt)  # this rank's elements of every parameter the optimizer moves
         clip = self._clip(shards, grad_norm)
@@ -570,6 +570,8 @@ class Attributor(Stateful):
         scores = stacked.sum(0)
         metadata = {"schedule": "cached", "cold_start": offset is not None,
                     "bytes_sent": backend.bytes_sent - bytes_before}
+        if backend.mp_group is not None:  # (part of bytes_sent: the partial products and sums, [players, K] each)
+            metadata["bytes_sent_model_parallel"] = backend.bytes_sent_mp - mp_bytes_before
         if sketched:  # (never an Owen-cold step: those run cached)
             offset = self._outside_subspace(shards, owned, products, clip, K)
             metadata.update(schedule="streaming", sketch_energy=products.lowrank.pop("energy"),

@@ -78,6 +78,7 @@ class Backend(ABC):
         self.mp_size, self.mp_rank = 1, 0
         self.comm_device = _communication_device(dp_group) if self.distributed else torch.device("cpu")
         self.bytes_sent = 0  # payload of shardshap's own collectives on this rank (reported per step)
+        self.bytes_sent_mp = 0  # the part of it sent over the model-parallel group
         self.collective_log: Optional[list] = None  # set to [] to record (op, shape, dtype) of each collective
 
     # ---------------------------------------------------------------- training (engine defaults: torch)
@@ -197,6 +198,8 @@ class Backend(ABC):
             self.collective_log.append((name, tuple(tensor.shape), str(tensor.dtype)))
         if sends:
             self.bytes_sent += tensor.numel() * tensor.element_size()
+            if name.endswith("_mp"):
+                self.bytes_sent_mp += tensor.numel() * tensor.element_size()
         if tensor.device == self.comm_device:
             return collective(tensor)
         out = collective(tensor.to(self.comm_device))

@@ -63,7 +63,7 @@ class DTensorBackend(Backend):
         # one mesh, or a 2-D one and the data-parallel mesh of the parameters that FSDP2 shards but TP leaves whole
         meshes = {p.device_mesh for p in dtensors.values()}
         mesh = max(meshes, key=lambda m: m.ndim)
-        if any(m is not mesh and not set(m.mesh_dim_names or ()) < set(mesh.mesh_dim_names or ()) for m in meshes):
+        if any(m != mesh and not set(m.mesh_dim_names or ()) < set(mesh.mesh_dim_names or ()) for m in meshes):
             raise UnsupportedEngine(f"DTensor parameters on {len(meshes)} unrelated device meshes; shard and "
                                     "parallelise the whole model over one mesh (named dimensions, e.g. ('dp', 'tp'))")
         info = _fsdp_mesh_info(model)
@@ -119,7 +119,7 @@ class DTensorBackend(Backend):
     def _roles(self, mesh) -> list[str]:
         """Per dimension of a parameter's mesh (the model's, or its data-parallel sub-mesh): 'tp', 'shard' (FSDP2)
         or 'replicate' (HSDP)."""
-        if mesh is self.mesh:
+        if mesh == self.mesh:
             return self._mesh_roles
         return [self._mesh_roles[self.mesh.mesh_dim_names.index(n)] for n in mesh.mesh_dim_names]
 

@@ -1,7 +1,7 @@
 """Every backend passes the same contract checks (shardshap/testing/conformance.py): owned ranges cover each
 element once, gather(owned(x)) == x, the clip factor is torch's, target gradients leave .grad alone,
 shift-and-restore is bit-exact, and every rank issues the same collectives. The local backend runs here;
-DDP, FSDP2 and ZeRO-1/2/3 run in one torchrun of 2 gloo ranks."""
+DDP, FSDP2, tensor parallelism and ZeRO-1/2/3 run in one torchrun of 2 gloo ranks."""
 import json
 
 import pytest
@@ -12,7 +12,7 @@ from helpers.distributed import launch, torchrun
 from shardshap.testing import cases
 from shardshap.testing.conformance import run_conformance
 
-ENGINES = ["ddp", "fsdp2", "z1", "z2", "z3"]
+ENGINES = ["ddp", "fsdp2", "tp", "z1", "z2", "z3"]
 
 
 def _assert_passed(results):
@@ -53,6 +53,6 @@ def distributed_results():
 @pytest.mark.parametrize("engine", ENGINES)
 def test_distributed_backend_conforms(distributed_results, engine):
     result = distributed_results[engine]
-    expected = {"ddp": "DDPBackend", "fsdp2": "FSDP2Backend"}.get(engine, "ZeroBackend")
+    expected = {"ddp": "DDPBackend", "fsdp2": "DTensorBackend", "tp": "DTensorBackend"}.get(engine, "ZeroBackend")
     assert result["backend"] == expected
     _assert_passed(result["results"])

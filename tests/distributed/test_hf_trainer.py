@@ -59,7 +59,7 @@ def test_trainer_under_torchrun_matches_one_process(tmp_path, reference, engine,
     flags = ["--checkpointing"] if checkpointing else []
     proc, _ = launch(torchrun("hf_trainer.py", "--engine", engine, "--out", prefix, *flags), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"BACKEND {'DDPBackend' if engine == 'ddp' else 'FSDP2Backend'}" in proc.stdout
+    assert f"BACKEND {'DDPBackend' if engine == 'ddp' else 'DTensorBackend'}" in proc.stdout
     got = check(prefix, reference("float64"))
     if not checkpointing:
         check_plain(engine, prefix, got)

@@ -47,3 +47,10 @@ def test_values_and_training_match_one_process(tmp_path, layout):
         ours, plain = np.load(f"{prefix}.rank{rank}.npz"), np.load(f"{prefix}-plain.rank{rank}.npz")
         for name in plain.files:
             assert np.array_equal(ours[name], plain[name]), f"rank {rank}: {name}"
+
+
+def test_unsupported_configuration_is_refused_before_training(tmp_path):
+    proc, _ = launch(torchrun("tensor_parallel.py", "--layout", "tp", "--schedule", "streaming",
+                              "--out", str(tmp_path / "x"), nproc=2), timeout=200)
+    assert proc.returncode != 0
+    assert "under tensor parallelism Config.schedule is not supported yet" in proc.stderr

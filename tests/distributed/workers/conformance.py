@@ -19,6 +19,15 @@ CLIP = 0.05  # far below the gradient norm: every step is clipped
 
 def build(engine: str, world: int):
     """(case, model or DeepSpeed engine, optimizer or None, full_grads)."""
+    full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g.clone()
+    if engine == "tp":  # tensor parallelism over every rank (they all see the same samples)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from shardshap.testing.tensor_parallel import parallelize
+        case = cases.tiny_transformer(batch_size=GLOBAL_BATCH, dtype=torch.float32)
+        model = parallelize(case.model, init_device_mesh("cpu", (world,), mesh_dim_names=("tp",)))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        return case, model, opt, lambda: {n: full(p.grad) for n, p in model.named_parameters()}
     case = cases.tiny_gpt2(batch_size=GLOBAL_BATCH, dtype=torch.float32)
     if engine == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(case.model)
@@ -30,7 +39,7 @@ def build(engine: str, world: int):
             fully_shard(block)
         model = fully_shard(case.model)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        return case, model, opt, lambda: {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        return case, model, opt, lambda: {n: full(p.grad) for n, p in model.named_parameters()}
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
     zero = {"stage": int(engine[1])}
@@ -49,6 +58,8 @@ def check(engine: str, rank: int, world: int) -> dict:
     clip = CLIP if engine.startswith("z") else None
     attr = shardshap.Attributor(model, opt, case.train_loss, case.target_loss, shardshap.Config(max_grad_norm=clip))
     step = iter(range(10))
+    if engine == "tp":
+        rank, world = 0, 1  # (the data: one data-parallel rank)
 
     def run_step():
         micro, ids = local_micro_batches(case, next(step), rank, world)
@@ -75,7 +86,7 @@ def check(engine: str, rank: int, world: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--engines", default="ddp,fsdp2,z1,z2,z3")
+    ap.add_argument("--engines", default="ddp,fsdp2,tp,z1,z2,z3")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rank, world = init_distributed("gloo")

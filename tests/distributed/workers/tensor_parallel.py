@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--plain", action="store_true", help="train without attribution (the reference)")
     ap.add_argument("--store", default=None, help="stream the values to this store")
     ap.add_argument("--clip", type=float, default=0.05)
+    ap.add_argument("--cold-steps", type=int, default=10, help="Config.cold_steps (0: every step warm)")
+    ap.add_argument("--schedule", default="cached", help="Config.schedule")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rank, _ = init_distributed()
@@ -57,7 +59,8 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     attr = None if args.plain else shardshap.Attributor(
         model, opt, case.train_loss, case.target_loss,
-        shardshap.Config(max_grad_norm=args.clip, num_samples=64), store=args.store)
+        shardshap.Config(max_grad_norm=args.clip, num_samples=64, cold_steps=args.cold_steps,
+                         schedule=args.schedule), store=args.store)
     ids_out, scores_out = [], []
     for step in range(STEPS):
         micro, micro_ids = local_micro_batches(case, step, dp_rank, dp_size)
@@ -74,7 +77,8 @@ def main():
         scores_out.append(out.scores.numpy())
         if rank == 0:
             print(f"{args.layout} step {step}: clip {float(out.clip_factor):.4f}, shardshap collectives sent "
-                  f"{out.metadata['bytes_sent']} bytes", flush=True)
+                  f"{out.metadata['bytes_sent']} bytes ({out.metadata.get('bytes_sent_model_parallel', 0)} over the "
+                  f"model-parallel group), cold start: {out.metadata['cold_start']}", flush=True)
     full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p
     params = {n: full(p.detach()).numpy() for n, p in case.model.named_parameters()}
     if attr is None:

@@ -1,5 +1,5 @@
-"""Smoke runs of every engine on one device with a store: DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 (when deepspeed is
-importable), launched as `torchrun --nproc_per_node 1 benchmarks/nccl_smoke.py`. On a GPU the process group is
+"""Smoke runs of every engine on one device with a store: DDP, FSDP2, tensor parallelism (a tiny transformer split
+over a "tp" mesh of the ranks) and DeepSpeed ZeRO-1/2/3 (when deepspeed is importable), launched as `torchrun --nproc_per_node 1 benchmarks/nccl_smoke.py`. On a GPU the process group is
 NCCL: a group of size 1 still takes every collective path (the engines' and shardshap's), so a collective
 issued on the wrong device fails here. On CPU it is gloo (the script's CPU mode). Prints one PASS/FAIL line per
 engine and exits 1 if any failed.
@@ -26,10 +26,17 @@ def on_device(batch, device):
 
 
 def run(engine: str, device: torch.device, store: str) -> str:
-    case = cases.tiny_gpt2(batch_size=8, dtype=torch.float32)
+    build = cases.tiny_transformer if engine == "tp" else cases.tiny_gpt2
+    case = build(batch_size=8, dtype=torch.float32)
     model = case.model.to(device)
     opt = None
-    if engine == "ddp":
+    if engine == "tp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from shardshap.testing.tensor_parallel import parallelize
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),), mesh_dim_names=("tp",))
+        wrapped = parallelize(model, mesh)
+    elif engine == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     elif engine == "fsdp2":
         from torch.distributed.fsdp import fully_shard
@@ -67,7 +74,7 @@ def target_loss(model, targets):
 def main():
     rank, world = init_distributed()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    engines = ["ddp", "fsdp2"]
+    engines = ["ddp", "fsdp2", "tp"]
     try:
         import deepspeed  # noqa: F401
         engines += ["zero1", "zero2", "zero3"]

@@ -225,7 +225,8 @@ class DTensorBackend(Backend):
                 K, value = v.numel(), v.detach() if value is None else value
                 v[k].backward()
                 for acc, p in zip(grads, params):
-                    acc.append(None if p.grad is None else self._local(p, p.grad).detach().to(dtype).reshape(-1).clone())
+                    g = p.grad
+                    acc.append(None if g is None else self._local(p, g).detach().to(dtype).reshape(-1).clone())
                 for p in everything:
                     p.grad = None
                 k += 1

@@ -686,7 +686,8 @@ class Capture:
                 rule, f = factors[id(am.params["weight"])]
                 if rule is am.rule:  # same orientation; other uses of a tied weight take the dense W_r
                     Wm["weight"] = f
-            jobs += [_Job(_as_called(am, call), call, Wm, dtype if low is None else low) for call in self.calls[am.name]]
+            work = dtype if low is None else low
+            jobs += [_Job(_as_called(am, call), call, Wm, work) for call in self.calls[am.name]]
             if not isinstance(W, dict):  # gathered on read: one module's W at a time, in plan order on every rank
                 self._take_products(jobs, parts, dtype)
                 jobs = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

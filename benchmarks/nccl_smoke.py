@@ -1,8 +1,9 @@
 """Smoke runs of every engine on one device with a store: DDP, FSDP2, tensor parallelism (a tiny transformer split
-over a "tp" mesh of the ranks) and DeepSpeed ZeRO-1/2/3 (when deepspeed is importable), launched as `torchrun --nproc_per_node 1 benchmarks/nccl_smoke.py`. On a GPU the process group is
-NCCL: a group of size 1 still takes every collective path (the engines' and shardshap's), so a collective
-issued on the wrong device fails here. On CPU it is gloo (the script's CPU mode). Prints one PASS/FAIL line per
-engine and exits 1 if any failed.
+over a "tp" mesh of the ranks) and DeepSpeed ZeRO-1/2/3 (when deepspeed is importable), launched as
+`torchrun --nproc_per_node 1 benchmarks/nccl_smoke.py`. On a GPU the process group is NCCL: a group of size 1
+still takes every collective path (the engines' and shardshap's), so a collective issued on the wrong device
+fails here. On CPU it is gloo (the script's CPU mode). Prints one PASS/FAIL line per engine and exits 1 if any
+failed.
 """
 from __future__ import annotations
 

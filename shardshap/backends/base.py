@@ -191,7 +191,8 @@ class Backend(ABC):
 
     # ---------------------------------------------------------------- communication
     def _run(self, name: str, tensor: torch.Tensor, collective, sends: bool = True):
-        """Run `collective(t)` on `tensor` moved to the communication device and count what this rank `sends`.
+        """Run `collective(t)` on `tensor` moved to the communication device and count what this rank `sends`
+        (nothing in a group of one rank).
         A collective that works in place returns `t`: the result then lands in `tensor` itself; one that
         returns a list of tensors gets them back on `tensor`'s device."""
         if self.collective_log is not None:
@@ -217,7 +218,8 @@ class Backend(ABC):
         def reduce(t):
             dist.all_reduce(t, op=_REDUCE_OPS[op], group=group)
             return t
-        return self._run(f"all_reduce_{op}" + ("" if over == "dp" else f"_{over}"), tensor, reduce)
+        return self._run(f"all_reduce_{op}" + ("" if over == "dp" else f"_{over}"), tensor, reduce,
+                         sends=dist.get_world_size(group) > 1)
 
     def all_ok(self, ok: bool) -> bool:
         """True when `ok` on every data-parallel rank (one all-reduce): lets every rank stop together when one
@@ -244,7 +246,8 @@ class Backend(ABC):
             parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
             dist.all_gather(parts, t.contiguous(), group=group)
             return parts
-        return self._run("all_gather" + ("" if over == "dp" else f"_{over}"), tensor, gather)
+        return self._run("all_gather" + ("" if over == "dp" else f"_{over}"), tensor, gather,
+                         sends=dist.get_world_size(group) > 1)
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """`tensor` of data-parallel rank `src` on every rank (in place)."""
@@ -254,7 +257,7 @@ class Backend(ABC):
         def send(t):
             dist.broadcast(t, src=dist.get_global_rank(self.dp_group, src), group=self.dp_group)
             return t
-        return self._run("broadcast", tensor, send, sends=self.dp_rank == src)
+        return self._run("broadcast", tensor, send, sends=self.dp_rank == src and self.dp_size > 1)
 
     def all_gather_object(self, obj) -> list:
         """Every data-parallel rank's picklable `obj` (setup only, never per step)."""

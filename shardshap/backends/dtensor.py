@@ -152,7 +152,8 @@ class DTensorBackend(Backend):
         shape = list(param.shape)
         placement = self._tp_placement(param)
         if isinstance(placement, Shard):
-            shape[placement.dim] = _chunk(shape[placement.dim], self.mp_size, self.mp_rank)[1]
+            dim = placement.dim % len(shape)
+            shape[dim] = _chunk(shape[dim], self.mp_size, self.mp_rank)[1]
         return torch.Size(shape)
 
     def model_parallel(self) -> Optional[ModelParallel]:
@@ -166,7 +167,7 @@ class DTensorBackend(Backend):
             if isinstance(placement, Shard):
                 dim = placement.dim % p.dim()
                 splits[id(p)] = (dim, *_chunk(p.shape[dim], self.mp_size, self.mp_rank))
-        return ModelParallel(self.mp_rank, self.mp_size, lambda t: self.all_reduce(t.clone(), over="mp"), splits)
+        return ModelParallel(self.mp_rank, lambda t: self.all_reduce(t.clone(), over="mp"), splits)
 
     def _local(self, p, t):
         """The local tensor of `t` (a parameter, its gradient or its optimizer state) in `p`'s placements (DTensor

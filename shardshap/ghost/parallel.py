@@ -19,7 +19,6 @@ from ..errors import UnsupportedModule
 @dataclass
 class ModelParallel:
     rank: int
-    size: int
     sum: Callable[[torch.Tensor], torch.Tensor]  # a tensor summed over the model-parallel ranks (a collective)
     # id(param) -> (dim, start, length): this rank's slice of a parameter split over the model-parallel ranks
     splits: dict[int, tuple[int, int, int]] = field(default_factory=dict)

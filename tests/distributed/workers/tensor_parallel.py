@@ -19,6 +19,7 @@ LAYOUTS = {  # name: (mesh shape, mesh dimension names)
     "tp": ((2,), ("tp",)),
     "tp-sp": ((2,), ("tp",)),
     "fsdp-tp": ((2, 2), ("dp", "tp")),
+    "fsdp-tp-sp": ((2, 2), ("dp", "tp")),
     "hsdp": ((2, 2), ("replicate", "shard")),
 }
 
@@ -29,8 +30,8 @@ def build(layout: str, case, mesh):
     model = case.model
     if layout in ("tp", "tp-sp"):
         return parallelize(model, mesh, sequence_parallel=layout == "tp-sp"), 0, 1
-    if layout == "fsdp-tp":
-        parallelize(model, mesh["tp"])
+    if layout.startswith("fsdp-tp"):
+        parallelize(model, mesh["tp"], sequence_parallel=layout == "fsdp-tp-sp")
         for block in model.layers:
             fully_shard(block, mesh=mesh["dp"])
         return fully_shard(model, mesh=mesh["dp"]), mesh["dp"].get_local_rank(), 2

@@ -130,6 +130,15 @@ class Backend(ABC):
         `grads=False` (before the backward, streaming schedule): every trainable optimizer parameter, with
         `grad` None."""
 
+    @staticmethod
+    def _covered(optimizer, grads: bool):
+        """(parameter group, parameter) of every optimizer parameter `shards` covers: those with a gradient this
+        step, or (grads=False) every trainable one."""
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if (p.grad is not None) if grads else p.requires_grad:
+                    yield group, p
+
     @abstractmethod
     def clip(self, shards: dict[int, OwnedSlice], max_norm: Optional[float]) -> float | torch.Tensor:
         """Scale the owned gradients by the factor the engine's own clipping applies this step (the

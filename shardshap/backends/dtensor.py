@@ -182,22 +182,19 @@ class DTensorBackend(Backend):
     def shards(self, optimizer, grads: bool = True) -> dict[int, OwnedSlice]:
         from torch.distributed.tensor import DTensor, Replicate
         out = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if (p.grad is None) if grads else not p.requires_grad:
-                    continue
-                with torch.no_grad():
-                    value = self._local(p, p.detach()).view(-1)  # a view: in-place shifts reach the sharded storage
-                state = {k: (self._local(p, v).view(-1) if isinstance(v, DTensor) or
-                             (torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0) else v)
-                         for k, v in optimizer.state.get(p, {}).items()}
-                local_shape = self.full_shape(p)
-                start = 0
-                if self.fsdp is not None:
-                    start = _chunk(local_shape[0], self._shard_size, self._shard_rank)[0] * math.prod(local_shape[1:])
-                counted = self.mp_rank == 0 or not isinstance(self._tp_placement(p), Replicate)
-                grad = self._local(p, p.grad).view(-1) if grads else None
-                out[id(p)] = OwnedSlice(p, value, grad, state, group, start, counted)
+        for group, p in self._covered(optimizer, grads):
+            with torch.no_grad():
+                value = self._local(p, p.detach()).view(-1)  # a view: in-place shifts reach the sharded storage
+            state = {k: (self._local(p, v).view(-1) if isinstance(v, DTensor) or
+                         (torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0) else v)
+                     for k, v in optimizer.state.get(p, {}).items()}
+            local_shape = self.full_shape(p)
+            start = 0
+            if self.fsdp is not None:
+                start = _chunk(local_shape[0], self._shard_size, self._shard_rank)[0] * math.prod(local_shape[1:])
+            counted = self.mp_rank == 0 or not isinstance(self._tp_placement(p), Replicate)
+            grad = self._local(p, p.grad).view(-1) if grads else None
+            out[id(p)] = OwnedSlice(p, value, grad, state, group, start, counted)
         return out
 
     def clip(self, shards, max_norm) -> torch.Tensor | float:

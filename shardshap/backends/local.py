@@ -28,13 +28,10 @@ class LocalBackend(Backend):
 
     def shards(self, optimizer, grads: bool = True) -> dict[int, OwnedSlice]:
         out = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if (p.grad is None) if grads else not p.requires_grad:
-                    continue
-                state = {k: (v.view(-1) if torch.is_tensor(v) and v.shape == p.shape else v)
-                         for k, v in optimizer.state.get(p, {}).items()}
-                out[id(p)] = OwnedSlice(p, p.detach().view(-1), p.grad.view(-1) if grads else None, state, group)
+        for group, p in self._covered(optimizer, grads):
+            state = {k: (v.view(-1) if torch.is_tensor(v) and v.shape == p.shape else v)
+                     for k, v in optimizer.state.get(p, {}).items()}
+            out[id(p)] = OwnedSlice(p, p.detach().view(-1), p.grad.view(-1) if grads else None, state, group)
         return out
 
     def clip(self, shards: dict[int, OwnedSlice], max_norm) -> float | torch.Tensor:

@@ -433,6 +433,9 @@ class Attributor(Stateful):
             else:
                 parts.append(x.detach().reshape(-1))
         total = players.merge(parts, (), torch.float64, device)
+        mp = self.capture.model_parallel
+        if mp is not None and mp.tokens_split:  # (each rank's losses cover its own tokens)
+            total = self.backend.all_reduce(total, over="mp")
         if players.per_position:
             total = total / players.counted_positions().to(device)
         return total.to(next((x.dtype for x in losses if x is not None), torch.float32))

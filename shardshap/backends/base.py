@@ -64,6 +64,7 @@ class Backend(ABC):
     """
 
     partitioned: bool = False
+    partition_spans_mp: bool = False  # the "shard" group holds the model-parallel ranks too (DeepSpeed-Ulysses)
     owns_backward: bool = False
     supports_hvp: bool = False
 
@@ -230,10 +231,10 @@ class Backend(ABC):
         return self._run(f"all_reduce_{op}" + ("" if over == "dp" else f"_{over}"), tensor, reduce,
                          sends=dist.get_world_size(group) > 1)
 
-    def all_ok(self, ok: bool) -> bool:
-        """True when `ok` on every data-parallel rank (one all-reduce): lets every rank stop together when one
+    def all_ok(self, ok: bool, over: str = "dp") -> bool:
+        """True when `ok` on every rank of a process group (one all-reduce): lets every rank stop together when one
         refuses."""
-        return int(self.all_reduce(torch.tensor([0 if ok else 1], dtype=torch.int32), "max").item()) == 0
+        return int(self.all_reduce(torch.tensor([0 if ok else 1], dtype=torch.int32), "max", over).item()) == 0
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.all_reduce(tensor, "sum")
@@ -243,7 +244,7 @@ class Backend(ABC):
         where every rank owns everything). Terms of OwnedSlices that are not `counted` must be left out."""
         if self.partitioned:
             self.all_reduce(tensor, over="shard")
-        return self.all_reduce(tensor, over="mp")
+        return tensor if self.partition_spans_mp else self.all_reduce(tensor, over="mp")
 
     def all_gather(self, tensor: torch.Tensor, over: str = "dp") -> list[torch.Tensor]:
         """Every rank's `tensor` (same shape on every rank) of a process group, in rank order."""
@@ -258,24 +259,28 @@ class Backend(ABC):
         return self._run("all_gather" + ("" if over == "dp" else f"_{over}"), tensor, gather,
                          sends=dist.get_world_size(group) > 1)
 
-    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        """`tensor` of data-parallel rank `src` on every rank (in place)."""
-        if not self.distributed:
+    def broadcast(self, tensor: torch.Tensor, src: int, over: str = "dp") -> torch.Tensor:
+        """`tensor` of rank `src` of a process group on every rank of it (in place)."""
+        group = self._group(over)
+        if group is None:
             return tensor
 
         def send(t):
-            dist.broadcast(t, src=dist.get_global_rank(self.dp_group, src), group=self.dp_group)
+            dist.broadcast(t, src=dist.get_global_rank(group, src), group=group)
             return t
-        return self._run("broadcast", tensor, send, sends=self.dp_rank == src and self.dp_size > 1)
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        return self._run("broadcast" + ("" if over == "dp" else f"_{over}"), tensor, send,
+                         sends=rank == src and size > 1)
 
-    def all_gather_object(self, obj) -> list:
-        """Every data-parallel rank's picklable `obj` (setup only, never per step)."""
-        if not self.distributed:
+    def all_gather_object(self, obj, over: str = "dp") -> list:
+        """Every rank's picklable `obj` of a process group (setup only, never per step)."""
+        group = self._group(over)
+        if group is None:
             return [obj]
         if self.collective_log is not None:
             self.collective_log.append(("all_gather_object", (), type(obj).__name__))
-        out = [None] * self.dp_size
-        dist.all_gather_object(out, obj, group=self.dp_group)
+        out = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
         return out
 
     def barrier(self) -> None:

@@ -56,10 +56,15 @@ class ZeroBackend(Backend):
                 or getattr(self.zero, "offload_param", False):
             raise UnsupportedEngine("DeepSpeed ZeRO offload is not supported (optimizer state must stay on the device)")
         super().__init__(model, model.module, self.zero.dp_process_group)
-        if self.dp_size != dist.get_world_size():
+        from deepspeed.utils import groups
+        if groups._get_sequence_parallel_world_size() > 1:
+            self._sequence_parallel(groups._get_sequence_parallel_group())
+        elif self.dp_size != dist.get_world_size():
             raise UnsupportedEngine(f"DeepSpeed data-parallel group of {self.dp_size} ranks in a world of "
-                                    f"{dist.get_world_size()} (model or sequence parallelism): not supported yet; "
-                                    "run pure data parallelism (every rank a data-parallel rank)")
+                                    f"{dist.get_world_size()} (model parallelism): not supported yet; run data "
+                                    "parallelism, with DeepSpeed-Ulysses sequence parallelism if you like")
+        # ZeRO partitions over its data-parallel group: the "shard" group (with Ulysses, the sequence ranks too)
+        self._part_size, self._part_rank = dist.get_world_size(self.shard_group), dist.get_rank(self.shard_group)
         self.stage = stage
         self.gas = int(model.gradient_accumulation_steps())
         self._micro = 0            # micro-batches of the current step seen so far
@@ -71,12 +76,30 @@ class ZeroBackend(Backend):
         else:
             self._init_zero12()
 
+    def _sequence_parallel(self, sequence_group) -> None:
+        """DeepSpeed-Ulysses: the ranks of a sequence-parallel group see the same samples, each a share of their
+        tokens ("mp"); ZeRO partitions over sequence x data ranks ("shard"); "dp" are the ranks with the same
+        sequence-parallel index (different samples)."""
+        self.mp_group = sequence_group
+        self.mp_size, self.mp_rank = dist.get_world_size(sequence_group), dist.get_rank(sequence_group)
+        self.partition_spans_mp = True
+        everyone = self.all_gather_object(dist.get_process_group_ranks(sequence_group), over="shard")
+        by_index = [[ranks[j] for ranks in dict.fromkeys(map(tuple, everyone))] for j in range(self.mp_size)]
+        self.dp_group, _ = dist.new_subgroups_by_enumeration(by_index)
+        self.dp_size, self.dp_rank = dist.get_world_size(self.dp_group), dist.get_rank(self.dp_group)
+
+    def model_parallel(self):
+        if self.mp_group is None:
+            return None
+        from ..ghost.parallel import ModelParallel
+        return ModelParallel(self.mp_rank, lambda t: self.all_reduce(t.clone(), over="mp"), tokens_split=True)
+
     # ---------------------------------------------------------------- layout
     def _init_zero12(self):
         z = self.zero
         for i in range(len(z.bit16_groups)):
             g = z.real_dp_process_group[i]
-            if dist.get_world_size(group=g) != self.dp_size:
+            if dist.get_world_size(group=g) != self._part_size:
                 raise UnsupportedEngine("a DeepSpeed parameter group is partitioned over a group other than the "
                                         "data-parallel group (expert parallelism); not supported")
         self.group_of = {id(p): i for i, group in enumerate(z.bit16_groups) for p in group}
@@ -92,23 +115,23 @@ class ZeroBackend(Backend):
             else:
                 a = hm.lp_fragment_address
                 local.append((int(a.start), int(a.numel)))
-        everyone = self.all_gather_object(local)  # once: who owns which range of every parameter
-        self.ranges = {id(p): [everyone[r][j] for r in range(self.dp_size)] for j, p in enumerate(self.params)}
+        everyone = self.all_gather_object(local, over="shard")  # once: who owns which range of every parameter
+        self.ranges = {id(p): [everyone[r][j] for r in range(self._part_size)] for j, p in enumerate(self.params)}
 
     def _init_zero3(self):
         for p in self.params:
             if not hasattr(p, "ds_id"):
                 raise UnsupportedEngine("ZeRO-3 engine with a parameter that DeepSpeed did not partition")
-            if dist.get_world_size(group=p.ds_process_group) != self.dp_size:
+            if dist.get_world_size(group=p.ds_process_group) != self._part_size:
                 raise UnsupportedEngine("ZeRO-3 partition groups smaller than the data-parallel group (MiCS, hpZ) "
                                         "are not supported")
         self.ranges = {}
         for p in self.params:
             part, n = p.ds_tensor.numel(), p.ds_numel
-            self.ranges[id(p)] = [(min(r * part, n), max(0, min(part, n - r * part))) for r in range(self.dp_size)]
+            self.ranges[id(p)] = [(min(r * part, n), max(0, min(part, n - r * part))) for r in range(self._part_size)]
 
     def _owned_range(self, p) -> tuple[int, int]:
-        return self.ranges[id(p)][self.dp_rank]
+        return self.ranges[id(p)][self._part_rank]
 
     def full_shape(self, p) -> torch.Size:
         return p.ds_shape if self.stage == 3 else p.shape
@@ -281,7 +304,7 @@ class ZeroBackend(Backend):
                 r = dist.get_rank(group=z.real_dp_process_group[i])
                 pairs.append((parts[r], z.single_partition_of_fp32_groups[i]))
             differs = any(not torch.equal(hp.to(lp.dtype), lp) for lp, hp in pairs)
-        if self.all_ok(not differs):  # no rank's forward copies differ: nothing to sync
+        if self.all_ok(not differs, over="shard"):  # no rank's forward copies differ: nothing to sync
             return None
         with torch.no_grad():
             if self.stage == 3:
@@ -345,12 +368,16 @@ class ZeroBackend(Backend):
                                            f"{self._full_numel(p)} elements")
                 if split:  # each rank evaluated its share: average the full gradient over ranks
                     g = self.all_reduce_sum(g.to(dtype).clone()) / self.dp_size
+                if self.mp_group is not None:  # (Ulysses: this rank's tokens' part of the target gradient)
+                    g = self.all_reduce(g.to(dtype).clone(), over="mp")
                 start, n = self._owned_range(p)
                 acc.append(g.narrow(0, start, n).to(dtype).clone())
         h = [None if any(x is None for x in g) else torch.stack(g) for g in grads]
         value = value.detach()
         if split:
             value = self.all_reduce_sum(value.clone()) / self.dp_size
+        if self.mp_group is not None:
+            value = self.all_reduce(value.clone(), over="mp")
         return h, value
 
     # ---------------------------------------------------------------- communication
@@ -367,14 +394,14 @@ class ZeroBackend(Backend):
         numel = self._full_numel(p)
         owners = [r for r, (_, n) in enumerate(ranges) if n > 0]
         if len(owners) == 1 and ranges[owners[0]][1] == numel:
-            full = owned.contiguous() if self.dp_rank == owners[0] else \
+            full = owned.contiguous() if self._part_rank == owners[0] else \
                 torch.empty(K, numel, dtype=owned.dtype, device=owned.device)
-            self.broadcast(full, src=owners[0])
+            self.broadcast(full, src=owners[0], over="shard")
             return full.reshape(K, *self.full_shape(p))
         width = max(n for _, n in ranges)
         padded = torch.zeros(K, width, dtype=owned.dtype, device=owned.device)
         padded[:, :owned.shape[1]] = owned
-        parts = self.all_gather(padded)
+        parts = self.all_gather(padded, over="shard")
         full = torch.zeros(K, numel, dtype=owned.dtype, device=owned.device)
         for (start, n), part in zip(ranges, parts):
             full[:, start:start + n] = part[:, :n]

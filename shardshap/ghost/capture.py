@@ -405,6 +405,8 @@ class Capture:
         grads = None
         mp = self.players.micro[micro]
         module = None
+        if self.model_parallel is not None and self.model_parallel.tokens_split:
+            token_split = True
         splits = self.model_parallel.splits if self.model_parallel is not None else {}
         split = {local: splits[id(p)] for local, p in am.params.items() if id(p) in splits}
         if split:  # this rank holds a slice of the module's parameters

@@ -22,6 +22,8 @@ class ModelParallel:
     sum: Callable[[torch.Tensor], torch.Tensor]  # a tensor summed over the model-parallel ranks (a collective)
     # id(param) -> (dim, start, length): this rank's slice of a parameter split over the model-parallel ranks
     splits: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    # every capture and per-sample loss holds this rank's tokens only (DeepSpeed-Ulysses: plain tensors, no layout)
+    tokens_split: bool = False
 
     def partial(self, pid: int, token_split: bool) -> bool:
         """Whether this rank's part of a call's products for the parameter is summed over the ranks."""

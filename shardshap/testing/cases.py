@@ -88,7 +88,7 @@ def _lm_case(name, model, vocab, T, batch_size, seed, n_targets, pad_some=True):
                 ids[r, L:] = 0
         return (ids, mask), idx
 
-    return Case(name, model, train_loss, target_loss, batches, None)
+    return Case(name, model, train_loss, target_loss, batches, val)  # (target_loss reads its own copy of val)
 
 
 def tiny_gpt2(batch_size=8, seed=0, dtype=torch.float64, T=12, vocab=48, n_targets=2, tie=True, n_embd=16,

@@ -8,6 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def causal_attention(q, k, v, batch_dim: int = 0):
+    """Causal self-attention of [B, T, heads, head_dim] queries, keys and values (the layout Ulysses' all-to-all
+    takes; `batch_dim` is its argument)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int):
         super().__init__()
@@ -19,14 +26,14 @@ class Block(nn.Module):
         self.w1 = nn.Linear(dim, hidden)          # (a column-split bias)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim)          # (a row-split layer's replicated bias)
+        self.attend = causal_attention  # (DeepSpeed-Ulysses: its DistributedAttention around it)
 
     def forward(self, x):
         h = self.attention_norm(x)
         q, k, v = self.wq(h), self.wk(h), self.wv(h)  # (this rank's heads under tensor parallelism)
         B, T = q.shape[:2]
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.wo(att.transpose(1, 2).reshape(B, T, -1))
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))
+        x = x + self.wo(self.attend(q, k, v, 0).reshape(B, T, -1))
         h = self.ffn_norm(x)
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
 

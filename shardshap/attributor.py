@@ -744,12 +744,12 @@ def _times_multiplier(frozen, attributed, h, shards) -> dict:
 
 
 def _check_model_parallel_config(config: Config) -> None:
-    """Tensor parallelism supports the cached schedule with exact products (checked before any step)."""
+    """Tensor and sequence parallelism support the cached schedule with exact products (checked before any step)."""
     unsupported = {"schedule": config.schedule != "cached", "product_rank": config.product_rank is not None,
                    "curvature": config.order == 2 and config.curvature == "hvp"}
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:
-        raise UnsupportedEngine(f"under tensor parallelism Config.{', Config.'.join(bad)} is not supported yet: use "
+        raise UnsupportedEngine(f"under tensor or sequence parallelism Config.{', Config.'.join(bad)} is not supported yet: use "
                                 "schedule='cached', product_rank=None and curvature='midpoint'")
 
 

@@ -58,6 +58,9 @@ class ZeroBackend(Backend):
         super().__init__(model, model.module, self.zero.dp_process_group)
         from deepspeed.utils import groups
         if groups._get_sequence_parallel_world_size() > 1:
+            if stage == 3:  # (products and DeepSpeed's reduced gradients disagreed there: 0.3-30% per parameter)
+                raise UnsupportedEngine("DeepSpeed-Ulysses sequence parallelism with ZeRO-3 is not supported yet; "
+                                        "use ZeRO stage 1 or 2")
             self._sequence_parallel(groups._get_sequence_parallel_group())
         elif self.dp_size != dist.get_world_size():
             raise UnsupportedEngine(f"DeepSpeed data-parallel group of {self.dp_size} ranks in a world of "

@@ -1,7 +1,7 @@
 """Tensor parallelism (torch's parallelize_module), alone, with sequence-parallel norms and composed with FSDP2,
-and HSDP, on 2 or 4 CPU processes (gloo): per-sample values equal one process's on the same global batches
-(3+ AdamW steps with clipping and gradient accumulation 2), training equals the same launch without attribution,
-and the store holds each sample once."""
+HSDP, and DeepSpeed-Ulysses sequence parallelism, on 2 or 4 CPU processes (gloo): per-sample values equal one
+process's on the same global batches (4 AdamW steps with clipping and gradient accumulation 2), training equals
+a copy trained the same way without attribution, and the store holds each sample once."""
 import numpy as np
 import pytest
 
@@ -12,19 +12,9 @@ CLIP = 0.05  # below the gradient norm: every step is clipped
 RANKS = {"tp": 2, "tp-sp": 2, "fsdp-tp": 4, "hsdp": 4}
 
 
-def run(layout, *args):
-    proc, _ = launch(torchrun("tensor_parallel.py", "--layout", layout, "--clip", str(CLIP), *args,
-                              nproc=RANKS[layout]), timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-@pytest.mark.parametrize("layout", sorted(RANKS))
-def test_values_and_training_match_one_process(tmp_path, layout):
-    prefix, store = str(tmp_path / layout), str(tmp_path / f"{layout}.zarr")
-    run(layout, "--out", prefix, "--store", store)
+def check_against_one_process(prefix, ranks, store):
     values, _, state = single_process_reference(CLIP, model="transformer")
-    for rank in range(RANKS[layout]):
+    for rank in range(ranks):
         got = np.load(f"{prefix}.rank{rank}.npz")
         for step in range(STEPS):
             ref = np.stack([values[step][int(i)] for i in got["ids"][step]])
@@ -45,8 +35,27 @@ def test_values_and_training_match_one_process(tmp_path, layout):
     np.testing.assert_allclose(open_scores(store).value, totals, rtol=1e-5, atol=1e-5 * np.abs(totals).max())
 
 
+@pytest.mark.parametrize("layout", sorted(RANKS))
+def test_values_and_training_match_one_process(tmp_path, layout):
+    prefix, store = str(tmp_path / layout), str(tmp_path / f"{layout}.zarr")
+    proc, _ = launch(torchrun("tensor_parallel.py", "--layout", layout, "--clip", str(CLIP), "--out", prefix,
+                              "--store", store, nproc=RANKS[layout]), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_against_one_process(prefix, RANKS[layout], store)
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_ulysses_matches_one_process(tmp_path):
+    """ZeRO-1 over 2 sequence-parallel ranks (DistributedAttention): each rank the same samples, half their tokens."""
+    pytest.importorskip("deepspeed")
+    prefix, store = str(tmp_path / "ulysses"), str(tmp_path / "ulysses.zarr")
+    proc, _ = launch(torchrun("ulysses.py", "--clip", str(CLIP), "--out", prefix, "--store", store), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_against_one_process(prefix, 2, store)
+
+
 def test_unsupported_configuration_is_refused_before_training(tmp_path):
     proc, _ = launch(torchrun("tensor_parallel.py", "--layout", "tp", "--schedule", "streaming",
                               "--out", str(tmp_path / "x"), nproc=2), timeout=200)
     assert proc.returncode != 0
-    assert "under tensor parallelism Config.schedule is not supported yet" in proc.stderr
+    assert "under tensor or sequence parallelism Config.schedule is not supported yet" in proc.stderr

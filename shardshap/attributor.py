@@ -749,8 +749,8 @@ def _check_model_parallel_config(config: Config) -> None:
                    "curvature": config.order == 2 and config.curvature == "hvp"}
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:
-        raise UnsupportedEngine(f"under tensor or sequence parallelism Config.{', Config.'.join(bad)} is not supported yet: use "
-                                "schedule='cached', product_rank=None and curvature='midpoint'")
+        raise UnsupportedEngine(f"under tensor or sequence parallelism Config.{', Config.'.join(bad)} is not supported "
+                                "yet: use schedule='cached', product_rank=None and curvature='midpoint'")
 
 
 def _name_the_culprit(err: BaseException) -> None:

@@ -58,7 +58,7 @@ class ZeroBackend(Backend):
         super().__init__(model, model.module, self.zero.dp_process_group)
         from deepspeed.utils import groups
         if groups._get_sequence_parallel_world_size() > 1:
-            if stage == 3:  # (products and DeepSpeed's reduced gradients disagreed there: 0.3-30% per parameter)
+            if stage == 3:  # (the gradient read there was 1/sp of the one DeepSpeed's step applies: clip factor 2x)
                 raise UnsupportedEngine("DeepSpeed-Ulysses sequence parallelism with ZeRO-3 is not supported yet; "
                                         "use ZeRO stage 1 or 2")
             self._sequence_parallel(groups._get_sequence_parallel_group())

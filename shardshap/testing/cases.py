@@ -103,11 +103,11 @@ def tiny_gpt2(batch_size=8, seed=0, dtype=torch.float64, T=12, vocab=48, n_targe
     return _lm_case("gpt2", model, vocab, T, batch_size, seed, n_targets)
 
 
-def tiny_llama(batch_size=8, seed=0, dtype=torch.float64, T=12, vocab=48, n_targets=2) -> Case:
+def tiny_llama(batch_size=8, seed=0, dtype=torch.float64, T=12, vocab=48, n_targets=2, kv_heads=1) -> Case:
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                      num_attention_heads=2, num_key_value_heads=kv_heads, max_position_embeddings=32,
                       tie_word_embeddings=False)
     cfg._attn_implementation = "eager"
     model = LlamaForCausalLM(cfg).to(dtype)

@@ -49,7 +49,7 @@ class TinyTransformer(nn.Module):
         self.norm = nn.RMSNorm(dim, eps=1e-6)
         self.output = nn.Linear(dim, vocab, bias=False)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None):  # (positions: none, the attention is causal)
         x = self.tok_embeddings(input_ids)
         for layer in self.layers:
             x = layer(x)

@@ -12,8 +12,8 @@ CLIP = 0.05  # below the gradient norm: every step is clipped
 RANKS = {"tp": 2, "tp-sp": 2, "fsdp-tp": 4, "hsdp": 4}
 
 
-def check_against_one_process(prefix, ranks, store):
-    values, _, state = single_process_reference(CLIP, model="transformer")
+def check_against_one_process(prefix, ranks, store, model="transformer"):
+    values, _, state = single_process_reference(CLIP, model=model)
     for rank in range(ranks):
         got = np.load(f"{prefix}.rank{rank}.npz")
         for step in range(STEPS):
@@ -46,12 +46,14 @@ def test_values_and_training_match_one_process(tmp_path, layout):
 
 @pytest.mark.deepspeed
 def test_deepspeed_ulysses_matches_one_process(tmp_path):
-    """ZeRO-1 over 2 sequence-parallel ranks (DistributedAttention): each rank the same samples, half their tokens."""
+    """A tiny HF Llama under ZeRO-1 over 2 sequence-parallel ranks (DeepSpeed's DistributedAttention as its attention
+    function): each rank the same samples and half their tokens."""
     pytest.importorskip("deepspeed")
     prefix, store = str(tmp_path / "ulysses"), str(tmp_path / "ulysses.zarr")
-    proc, _ = launch(torchrun("ulysses.py", "--clip", str(CLIP), "--out", prefix, "--store", store), timeout=400)
+    proc, _ = launch(torchrun("ulysses.py", "--model", "llama", "--clip", str(CLIP), "--out", prefix,
+                              "--store", store), timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_against_one_process(prefix, 2, store)
+    check_against_one_process(prefix, 2, store, model="llama")
 
 
 def test_unsupported_configuration_is_refused_before_training(tmp_path):

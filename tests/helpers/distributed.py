@@ -31,8 +31,10 @@ def local_micro_batches(case, step, rank, world):
 def single_process_reference(clip, lr=3e-3, model="gpt2", **config):
     """Plain torch, one process, the same global batches (rank 0's micro-batches, then rank 1's): per step
     {sample id: values}, the clip factors, and the final parameters and Adam moments by name. `model`: the case
-    (tiny_gpt2, or tiny_transformer for tensor parallelism); `config`: further shardshap.Config fields."""
-    build = {"gpt2": cases.tiny_gpt2, "transformer": cases.tiny_transformer}[model]
+    (tiny_gpt2; for tensor and sequence parallelism tiny_transformer, or tiny_llama with 2 key-value heads);
+    `config`: further shardshap.Config fields."""
+    build = {"gpt2": cases.tiny_gpt2, "transformer": cases.tiny_transformer,
+             "llama": functools.partial(cases.tiny_llama, kv_heads=2)}[model]
     case = build(batch_size=GLOBAL_BATCH, dtype=torch.float32)
     opt = torch.optim.AdamW(case.model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     attr = shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,

@@ -1,8 +1,9 @@
 """One rank of a DeepSpeed-Ulysses run (tests/distributed/test_tensor_parallel.py): the tiny transformer of
-shardshap.testing.tensor_parallel with DeepSpeed's DistributedAttention around its attention, ZeRO over the
-sequence-parallel ranks, each rank the same samples and its share of their tokens. Trains it attributed and a
-second copy plainly (engine.backward / engine.step), on the same global batches, and writes the values and both
-copies' fp32 master parameters (the plain one's as "plain:<name>") to <out>.rank<r>.npz."""
+shardshap.testing.tensor_parallel, or a tiny HF Llama, with DeepSpeed's DistributedAttention around its
+attention, ZeRO over the sequence-parallel ranks, each rank the same samples and its share of their tokens.
+Trains it attributed and a second copy plainly (engine.backward / engine.step), on the same global batches, and
+writes the values and both copies' fp32 master parameters (the plain one's as "plain:<name>") to
+<out>.rank<r>.npz."""
 import argparse
 import os
 
@@ -23,11 +24,20 @@ def sequence_share(model, ids, mask, rank: int, ranks: int):
     positions over all of them: the ranks' shares add up to cases.lm_losses."""
     T = ids.shape[1]
     part = slice(rank * T // ranks, (rank + 1) * T // ranks)
-    logits = model(input_ids=ids[:, part]).logits
+    positions = torch.arange(T)[part].expand(ids.shape[0], -1)
+    logits = model(input_ids=ids[:, part], position_ids=positions).logits
     target = torch.cat([ids[:, 1:], ids[:, :1]], 1)[:, part]  # (the last position has no next token: masked)
     counted = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)[:, part].to(logits.dtype)
     tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     return (tok.view(counted.shape) * counted).sum(1) / mask[:, 1:].sum(1).clamp(min=1).to(logits.dtype)
+
+
+def hf_attention(distributed):
+    """A transformers attention function ([B, heads, T, head_dim] in, [B, T, heads, head_dim] out) that runs
+    `distributed` (DistributedAttention) on this rank's tokens; the mask is the causal one (right padding only)."""
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return distributed(*(t.transpose(1, 2) for t in (query, key, value)), 0), None
+    return attention
 
 
 def main():
@@ -41,6 +51,7 @@ def main():
     ap.add_argument("--clip", type=float, default=0.05)
     ap.add_argument("--stage", type=int, default=1, help="ZeRO stage")
     ap.add_argument("--cold-steps", type=int, default=10, help="Config.cold_steps (0: every step warm)")
+    ap.add_argument("--model", default="transformer", choices=["transformer", "llama"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     deepspeed.init_distributed("gloo")
@@ -50,9 +61,16 @@ def main():
     rank = torch.distributed.get_rank(group)
     saved = {}
     for attributed in (True, False):
-        case = cases.tiny_transformer(batch_size=GLOBAL_BATCH, dtype=torch.float32)
-        for block in case.model.layers:
-            block.attend = DistributedAttention(causal_attention, group, scatter_idx=2, gather_idx=1)
+        if args.model == "llama":
+            from transformers import AttentionInterface
+            case = cases.tiny_llama(batch_size=GLOBAL_BATCH, dtype=torch.float32, kv_heads=2)
+            AttentionInterface.register("ulysses", hf_attention(
+                DistributedAttention(causal_attention, group, scatter_idx=2, gather_idx=1)))
+            case.model.config._attn_implementation = "ulysses"
+        else:
+            case = cases.tiny_transformer(batch_size=GLOBAL_BATCH, dtype=torch.float32)
+            for block in case.model.layers:
+                block.attend = DistributedAttention(causal_attention, group, scatter_idx=2, gather_idx=1)
         config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // MICRO, "gradient_accumulation_steps": MICRO,
                   "gradient_clipping": args.clip, "zero_optimization": {"stage": args.stage},
                   "steps_per_print": 10 ** 9,

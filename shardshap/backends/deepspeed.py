@@ -58,9 +58,14 @@ class ZeroBackend(Backend):
         super().__init__(model, model.module, self.zero.dp_process_group)
         from deepspeed.utils import groups
         if groups._get_sequence_parallel_world_size() > 1:
-            if stage == 3:  # (the gradient read there was 1/sp of the one DeepSpeed's step applies: clip factor 2x)
-                raise UnsupportedEngine("DeepSpeed-Ulysses sequence parallelism with ZeRO-3 is not supported yet; "
-                                        "use ZeRO stage 1 or 2")
+            if stage == 3 and getattr(self.zero, "reduce_scatter", False):
+                # (its reduce-scatter path averages the gradient over the sequence ranks instead of adding their
+                # tokens' parts: half the gradient at 2 ranks, measured; the contiguous all-reduce path adds them)
+                raise UnsupportedEngine(
+                    "DeepSpeed ZeRO-3 with sequence parallelism and zero_optimization.reduce_scatter=true averages "
+                    "the gradient over the sequence-parallel ranks instead of summing their parts (DeepSpeed's "
+                    "reduce-scatter path lacks the sequence-parallel factor), so the step and the values would "
+                    "disagree: set \"reduce_scatter\": false in zero_optimization")
             self._sequence_parallel(groups._get_sequence_parallel_group())
         elif self.dp_size != dist.get_world_size():
             raise UnsupportedEngine(f"DeepSpeed data-parallel group of {self.dp_size} ranks in a world of "

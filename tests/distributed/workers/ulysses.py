@@ -71,8 +71,9 @@ def main():
             case = cases.tiny_transformer(batch_size=GLOBAL_BATCH, dtype=torch.float32)
             for block in case.model.layers:
                 block.attend = DistributedAttention(causal_attention, group, scatter_idx=2, gather_idx=1)
+        zero = {"stage": args.stage, **({"reduce_scatter": False} if args.stage == 3 else {})}  # (see ZeroBackend)
         config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // MICRO, "gradient_accumulation_steps": MICRO,
-                  "gradient_clipping": args.clip, "zero_optimization": {"stage": args.stage},
+                  "gradient_clipping": args.clip, "zero_optimization": zero,
                   "steps_per_print": 10 ** 9,
                   "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
                                                             "weight_decay": 0.1, "torch_adam": True}}}

@@ -45,13 +45,14 @@ def test_values_and_training_match_one_process(tmp_path, layout):
 
 
 @pytest.mark.deepspeed
-def test_deepspeed_ulysses_matches_one_process(tmp_path):
-    """A tiny HF Llama under ZeRO-1 over 2 sequence-parallel ranks (DeepSpeed's DistributedAttention as its attention
-    function): each rank the same samples and half their tokens."""
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepspeed_ulysses_matches_one_process(tmp_path, stage):
+    """A tiny HF Llama under ZeRO over 2 sequence-parallel ranks (DeepSpeed's DistributedAttention as its attention
+    function): each rank the same samples and half their tokens (ZeRO-3 with reduce_scatter off, see ZeroBackend)."""
     pytest.importorskip("deepspeed")
     prefix, store = str(tmp_path / "ulysses"), str(tmp_path / "ulysses.zarr")
-    proc, _ = launch(torchrun("ulysses.py", "--model", "llama", "--clip", str(CLIP), "--out", prefix,
-                              "--store", store), timeout=400)
+    proc, _ = launch(torchrun("ulysses.py", "--model", "llama", "--stage", str(stage), "--clip", str(CLIP),
+                              "--out", prefix, "--store", store), timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_against_one_process(prefix, 2, store, model="llama")
 

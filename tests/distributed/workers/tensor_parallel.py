@@ -64,6 +64,7 @@ def main():
     ap.add_argument("--clip", type=float, default=0.05)
     ap.add_argument("--cold-steps", type=int, default=10, help="Config.cold_steps (0: every step warm)")
     ap.add_argument("--schedule", default="cached", help="Config.schedule")
+    ap.add_argument("--preset", default=None, help="Config.preset")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rank, _ = init_distributed()
@@ -78,7 +79,7 @@ def main():
         attr = None if not attributed else shardshap.Attributor(
             model, opt, case.train_loss, case.target_loss,
             shardshap.Config(max_grad_norm=args.clip, num_samples=64, cold_steps=args.cold_steps,
-                             schedule=args.schedule), store=args.store)
+                             schedule=args.schedule, preset=args.preset), store=args.store)
         ids_out, scores_out = [], []
 
         def on_step(step, out, ids_out=ids_out, scores_out=scores_out):

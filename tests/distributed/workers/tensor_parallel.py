@@ -40,8 +40,9 @@ def build(layout: str, case, mesh):
     return fully_shard(model, mesh=mesh), mesh.get_rank(), 4
 
 
-def train(case, model, opt, dp_rank, dp_size, attr, clip, on_step):
-    """STEPS steps of the global batches: attributed (`attr.step`), or plain when `attr` is None."""
+def train(case, model, opt, dp_rank, dp_size, attr, clip, on_step, torch_clip: bool):
+    """STEPS steps of the global batches: attributed (`attr.step`), or plain when `attr` is None (clipped by torch's
+    clip_grad_norm_ where it takes the model's parameters: all DTensors on one mesh)."""
     for step in range(STEPS):
         micro, micro_ids = local_micro_batches(case, step, dp_rank, dp_size)
         if attr is None:
@@ -49,7 +50,7 @@ def train(case, model, opt, dp_rank, dp_size, attr, clip, on_step):
             n = sum(len(i) for i in micro_ids)
             for mb in micro:
                 (case.train_loss(model, mb).sum() / n).backward()
-            clip_grad_norm_(model.parameters(), clip)
+            (torch.nn.utils.clip_grad_norm_ if torch_clip else clip_grad_norm_)(model.parameters(), clip)
             opt.step()
         else:
             on_step(step, attr.step(micro, micro_ids, None))
@@ -89,7 +90,8 @@ def main():
                 print(f"{args.layout} step {step}: clip {float(out.clip_factor):.4f}, shardshap collectives sent "
                       f"{out.metadata['bytes_sent']} bytes ({out.metadata.get('bytes_sent_model_parallel', 0)} over "
                       f"the model-parallel group), cold start: {out.metadata['cold_start']}", flush=True)
-        train(case, model, opt, dp_rank, dp_size, attr, args.clip, on_step)
+        train(case, model, opt, dp_rank, dp_size, attr, args.clip, on_step,
+              torch_clip=args.layout in ("tp-sp", "hsdp"))
         prefix = "" if attributed else "plain:"
         saved.update({prefix + n: full(p.detach()).numpy() for n, p in case.model.named_parameters()})
         if attr is not None:

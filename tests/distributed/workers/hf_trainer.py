@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import shardshap  # noqa: E402
 from helpers.hf_rows import rows_and_target  # noqa: E402
+from shardshap.backends import shutdown  # noqa: E402
 from shardshap.integrations.hf import ShardshapCallback  # noqa: E402
 
 N, T, VOCAB, STEPS, GLOBAL_MICRO = 48, 16, 40, 3, 8  # GLOBAL_MICRO: sequences per micro-batch over all ranks
@@ -83,6 +84,7 @@ def main():
         params = {n: full(p.detach()).numpy() for n, p in trainer.model.named_parameters()}
     out = {f"ids{s}": v[0] for s, v in enumerate(values)} | {f"scores{s}": v[1] for s, v in enumerate(values)}
     np.savez(f"{args.out}.rank{rank}.npz", **params, **out)
+    shutdown()  # (gloo's exit race: without it a rank sometimes dies with SIGABRT after its work is done)
 
 
 if __name__ == "__main__":

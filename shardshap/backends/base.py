@@ -200,17 +200,18 @@ class Backend(ABC):
                 torch._foreach_copy_(values, saved)
 
     # ---------------------------------------------------------------- communication
-    def _run(self, name: str, tensor: torch.Tensor, collective, sends: bool = True):
+    def _run(self, name: str, tensor: torch.Tensor, collective, sends: bool = True, share: float = 1.0):
         """Run `collective(t)` on `tensor` moved to the communication device and count what this rank `sends`
-        (nothing in a group of one rank).
+        (nothing in a group of one rank; `share` of `tensor` where the rest stays on the rank).
         A collective that works in place returns `t`: the result then lands in `tensor` itself; one that
         returns a list of tensors gets them back on `tensor`'s device."""
         if self.collective_log is not None:
             self.collective_log.append((name, tuple(tensor.shape), str(tensor.dtype)))
         if sends:
-            self.bytes_sent += tensor.numel() * tensor.element_size()
+            payload = int(tensor.numel() * tensor.element_size() * share)
+            self.bytes_sent += payload
             if name.endswith("_mp"):
-                self.bytes_sent_mp += tensor.numel() * tensor.element_size()
+                self.bytes_sent_mp += payload
         if tensor.device == self.comm_device:
             return collective(tensor)
         out = collective(tensor.to(self.comm_device))
@@ -258,6 +259,20 @@ class Backend(ABC):
             return parts
         return self._run("all_gather" + ("" if over == "dp" else f"_{over}"), tensor, gather,
                          sends=dist.get_world_size(group) > 1)
+
+    def reduce_scatter(self, parts: list[torch.Tensor], over: str = "dp") -> torch.Tensor:
+        """The sum over the ranks of a process group of their `parts[i]` (same shapes on every rank), on rank i."""
+        group = self._group(over)
+        if group is None:
+            return parts[0]
+
+        def scatter(t):
+            out = torch.empty_like(t[0])
+            dist.reduce_scatter(out, list(t.unbind(0)), group=group)
+            return [out]
+        size = dist.get_world_size(group)
+        return self._run("reduce_scatter" + ("" if over == "dp" else f"_{over}"), torch.stack(parts), scatter,
+                         sends=size > 1, share=(size - 1) / size)[0]  # (the rank's own part stays)
 
     def broadcast(self, tensor: torch.Tensor, src: int, over: str = "dp") -> torch.Tensor:
         """`tensor` of rank `src` of a process group on every rank of it (in place)."""

@@ -95,6 +95,9 @@ class ZeroBackend(Backend):
         by_index = [[ranks[j] for ranks in dict.fromkeys(map(tuple, everyone))] for j in range(self.mp_size)]
         self.dp_group, _ = dist.new_subgroups_by_enumeration(by_index)
         self.dp_size, self.dp_rank = dist.get_world_size(self.dp_group), dist.get_rank(self.dp_group)
+        # the ZeRO partition of each sequence rank (their parts of a target gradient are summed onto it)
+        self._sequence_parts = [dist.get_group_rank(self.shard_group, r)
+                                for r in dist.get_process_group_ranks(sequence_group)]
 
     def model_parallel(self):
         if self.mp_group is None:
@@ -376,10 +379,11 @@ class ZeroBackend(Backend):
                                            f"{self._full_numel(p)} elements")
                 if split:  # each rank evaluated its share: average the full gradient over ranks
                     g = self.all_reduce_sum(g.to(dtype).clone()) / self.dp_size
-                if self.mp_group is not None:  # (Ulysses: this rank's tokens' part of the target gradient)
-                    g = self.all_reduce(g.to(dtype).clone(), over="mp")
                 start, n = self._owned_range(p)
-                acc.append(g.narrow(0, start, n).to(dtype).clone())
+                if self.mp_group is not None:  # (Ulysses: this rank's tokens' part, summed onto the owners)
+                    acc.append(self._sum_onto_sequence_parts(p, g.to(dtype)))
+                else:
+                    acc.append(g.narrow(0, start, n).to(dtype).clone())
         h = [None if any(x is None for x in g) else torch.stack(g) for g in grads]
         value = value.detach()
         if split:
@@ -387,6 +391,14 @@ class ZeroBackend(Backend):
         if self.mp_group is not None:
             value = self.all_reduce(value.clone(), over="mp")
         return h, value
+
+    def _sum_onto_sequence_parts(self, p, g: torch.Tensor) -> torch.Tensor:
+        """This rank's owned range of the sum over the sequence ranks of their parts `g` (full size) of a gradient:
+        one reduce-scatter, each rank sending the other ranks' ranges (not an all-reduce of the whole)."""
+        ranges = [self.ranges[id(p)][r] for r in self._sequence_parts]
+        width = max(n for _, n in ranges)
+        parts = [torch.nn.functional.pad(g.narrow(0, start, n), (0, width - n)) for start, n in ranges]
+        return self.reduce_scatter(parts, over="mp")[:self._owned_range(p)[1]].clone()
 
     # ---------------------------------------------------------------- communication
     def _count(self, t: torch.Tensor) -> None:

@@ -140,6 +140,14 @@ class Backend(ABC):
                 if (p.grad is not None) if grads else p.requires_grad:
                     yield group, p
 
+    def in_model_order(self, shards: dict[int, OwnedSlice]) -> list[nn.Parameter]:
+        """The parameters of `shards` in the model's order, as clip_grad_norm_(model.parameters()) sums them
+        (optimizers often group parameters in another order, and the norm's rounding depends on it), then any
+        the optimizer holds apart from the model."""
+        in_model = {id(p): p for p in self.module.parameters()}
+        return [p for p in in_model.values() if id(p) in shards] + [
+            sh.param for pid, sh in shards.items() if pid not in in_model]
+
     @abstractmethod
     def clip(self, shards: dict[int, OwnedSlice], max_norm: Optional[float]) -> float | torch.Tensor:
         """Scale the owned gradients by the factor the engine's own clipping applies this step (the

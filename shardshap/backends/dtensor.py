@@ -202,10 +202,7 @@ class DTensorBackend(Backend):
         factor stays on the device."""
         if max_norm is None:
             return 1.0
-        in_model = {id(p): p for p in self.module.parameters()}
-        params = [p for p in in_model.values() if id(p) in shards] + [
-            sh.param for pid, sh in shards.items() if pid not in in_model]
-        factor = clip_grad_norm_(params, max_norm)[1]
+        factor = clip_grad_norm_(self.in_model_order(shards), max_norm)[1]
         from torch.distributed.tensor import DTensor
         for sh in shards.values():  # an owned gradient in another placement than its parameter's is a copy
             grad = sh.param.grad

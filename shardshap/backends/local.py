@@ -38,12 +38,7 @@ class LocalBackend(Backend):
         """Clip like torch.nn.utils.clip_grad_norm_ (global L2 norm)."""
         if max_norm is None:
             return 1.0
-        # in the model's parameter order, as clip_grad_norm_(model.parameters()) sums (optimizers often
-        # group parameters in another order, and the norm's rounding depends on it)
-        in_model = {id(p): p for p in self.module.parameters()}
-        params = [p for p in in_model.values() if id(p) in shards] + [  # then any the optimizer holds apart
-            sh.param for pid, sh in shards.items() if pid not in in_model]
-        params = [p for p in params if p.grad is not None]
+        params = [p for p in self.in_model_order(shards) if p.grad is not None]
         total = torch.nn.utils.get_total_norm([p.grad for p in params])
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return torch.clamp(max_norm / (total + 1e-6), max=1.0)  # (a tensor: reading it would wait on the device)

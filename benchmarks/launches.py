@@ -8,8 +8,9 @@ sync `aten._local_scalar_dense` (what every host read of a tensor value dispatch
 optimizer's step counters (CPU scalars on a GPU too), and `tolist()` of floating-point tensors.
 A foreach op counts once: on a GPU it launches one kernel per chunk of many tensors. Attribution takes
 its accelerator path (`shardshap.foreach.BATCH_KERNELS = True`: foreach secant, same-shaped layers
-stacked). Workload: HF GPT-2 (d 128, T 64, batch 8, one target, AdamW with clipping, `foreach=True` as on
-a GPU), at two depths.
+stacked; `check_timing="next-step"`: the checks' verdicts read at the next step, without a sync).
+Workload: HF GPT-2 (d 128, T 64, batch 8, one target, AdamW with clipping, `foreach=True` as on a GPU), at
+two depths.
 
     python benchmarks/launches.py                  # 4 and 8 layers, plain / exact / fast / streaming
     python benchmarks/launches.py --layers 8 --configs exact,streaming
@@ -28,11 +29,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import shardshap  # noqa: E402
 import shardshap.foreach  # noqa: E402
 
+# check_timing='next-step' is the accelerators' default (a CPU's is 'before-step': one host read per step)
 CONFIGS = {
-    "exact": dict(),
-    "fast": dict(preset="fast"),
-    "streaming": dict(schedule="streaming"),
-    "streaming + fast": dict(schedule="streaming", preset="fast"),
+    "exact": dict(check_timing="next-step"),
+    "exact + before-step checks": dict(check_timing="before-step"),
+    "fast": dict(preset="fast", check_timing="next-step"),
+    "streaming": dict(schedule="streaming", check_timing="next-step"),
+    "streaming + fast": dict(schedule="streaming", preset="fast", check_timing="next-step"),
 }
 SYNC_OPS = {"_local_scalar_dense"}
 # dispatched, but no kernel: profiler markers (no-ops without a profiler) and allocations without a fill

@@ -24,7 +24,7 @@ from torch.profiler import record_function
 from . import __version__, estimators
 from ._hardware import warn_if_bf16_is_emulated
 from .backends import detect
-from .checks import HostRead, check_completeness, check_ids, check_loss
+from .checks import HostRead, Verdicts, check_completeness, check_ids, check_loss
 from .compiled import compile_ready, is_compiled, uncompiled
 from .config import Config
 from .errors import AttributionError, ConfigError, ShardshapError, StoreError, UnsupportedEngine
@@ -138,7 +138,9 @@ class Attributor(Stateful):
     `attr.attribute(targets)` before `optimizer.step()` (docs/training.md).
 
     Every error raised is a `shardshap.ShardshapError`; when `step` or `attribute` raises, the optimizer
-    has not stepped, the gradients are zeroed and the store holds nothing of the step.
+    has not stepped, the gradients are zeroed and the store holds nothing of the step. With
+    Config.check_timing='next-step' (accelerators' default) a failed check of values is raised one step
+    late, by the next step (refused so) or flush/close; the failed step has trained and is not stored.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -194,7 +196,13 @@ class Attributor(Stateful):
         self._bases: Optional[dict] = None  # stream_predictor='subspace': id -> Basis from the last step's W
         self._warned_subspace = False
         self._probed = False  # the first step of step() checked that every module is batch-first
-        self._reads = HostRead()  # this step's checks and values, read on the host once, before it trains
+        self._reads = HostRead()  # this step's checks and values, brought to the host at once
+        timing = self.config.check_timing or ("before-step" if self._device.type == "cpu" else "next-step")
+        self._late_checks = timing == "next-step"
+        # next-step checks: this step's verdicts and store values in flight (and whether to warn of the kept
+        # energies among them), then with the step index and result until the next step reads them
+        self._sent: Optional[tuple[Verdicts, bool]] = None
+        self._pending: Optional[tuple[int, tuple[Verdicts, bool], StepResult]] = None
 
     # ------------------------------------------------------------------ public API
     def step(self, batch, sample_ids, targets) -> StepResult:
@@ -347,6 +355,7 @@ class Attributor(Stateful):
     def state_dict(self) -> dict:
         """The attribution part of a training checkpoint (flushes the store first). The Attributor is a
         torch.distributed.checkpoint `Stateful`: `dcp.save({"attr": attr, ...})` works as for a model."""
+        self._settle()
         state = {"step": self.step_index, "run_id": self.run_id, "config": self.config.to_dict()}
         if self._writer is not None:
             state["store"] = self._writer.state_dict()
@@ -362,6 +371,7 @@ class Attributor(Stateful):
                                    f"{self.run_id!r}: pass run_id= or the same config")
         self.step_index = int(state["step"])
         self._resume_step = self.step_index
+        self._pending = None  # (a step after the checkpoint: rewritten from there on)
         self._bases = None  # (found again from the resumed state's W at the next streamed step)
         if self._writer is not None:
             self._writer.load_state_dict({**state["store"], "next_step": self.step_index})
@@ -369,22 +379,31 @@ class Attributor(Stateful):
     def flush(self, durable: bool = False) -> None:
         """Make every step written so far committed in the store (a training checkpoint calls it);
         `durable=True` also fsyncs the written files, so that they survive a power loss."""
+        self._settle()
         if self._writer is not None:
             self._writer.flush(durable=durable)
 
     def close(self) -> None:
         """Flush and finalise the store (per-sample totals), and remove the hooks from the model."""
         try:
-            if self._writer is not None:
-                self._writer.close()
+            self._settle()  # (its error is raised once the store is closed)
         finally:
-            self._writer = None
-            self.capture.remove()
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+            finally:
+                self._writer = None
+                self.capture.remove()
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            try:
+                self._settle()  # the last step's row if its checks passed; the error in flight is the one raised
+            except ShardshapError:
+                pass
         if exc_type is not None and self._writer is not None:
             self._writer.__exit__(exc_type, exc, tb)  # flush what is there; no collective while unwinding
             self._writer = None
@@ -581,10 +600,9 @@ class Attributor(Stateful):
                             bytes_sent=metadata["bytes_sent"] + self._stream.bytes_sent)
         if offset is not None:
             scores = scores + offset
-        result = self._result(scores, sample_ids, sample_loss, target_loss, clip, products.lowrank, **metadata)
-        if sketched and not any(is_cold(self.update_rule, sh, cfg.cold_steps) for sh in shards.values()):
-            self._warn_if_subspace_lags(result.metadata["sketch_energy"])  # (not on cold steps: Adam's start jumps)
-        return result
+        # (not on cold steps: Adam's start jumps)
+        lags = sketched and not any(is_cold(self.update_rule, sh, cfg.cold_steps) for sh in shards.values())
+        return self._result(scores, sample_ids, sample_loss, target_loss, clip, products.lowrank, lags, **metadata)
 
     def _stacked(self, per_param: dict[str, torch.Tensor]) -> torch.Tensor:
         """[params, players, K]: the products in per_param's order, as each sample's share of the global gradient
@@ -626,30 +644,39 @@ class Attributor(Stateful):
                 check_completeness(backend, self.plan, per_param, stacked, stream.W, None, shards, clip, self.dtype,
                                    self.capture.precision(), self._reads)
         scores = stacked.sum(0) * clip
-        return self._result(scores, sample_ids, sample_loss, stream.target_loss, clip, stream.lowrank,
+        return self._result(scores, sample_ids, sample_loss, stream.target_loss, clip, stream.lowrank, False,
                             bytes_sent=stream.bytes_sent + backend.bytes_sent - bytes_before, cold_start=False,
                             schedule="streaming")
 
-    def _warn_if_subspace_lags(self, energy: dict[str, float]) -> None:
+    def _warn_if_subspace_lags(self, energy: dict[str, float], step: int) -> None:
         low = {n: e for n, e in energy.items() if e < SUBSPACE_WARN_ENERGY}
         if low and not self._warned_subspace:
             self._warned_subspace = True
             worst = ", ".join(f"{n} ({e:.2f})" for n, e in sorted(low.items(), key=lambda x: x[1])[:5])
-            warnings.warn(f"step {self.step_index}: the previous step's subspace kept less than "
+            warnings.warn(f"step {step}: the previous step's subspace kept less than "
                           f"{SUBSPACE_WARN_ENERGY} of this step's W for {len(low)} weight(s): {worst}. Their values "
                           "are approximate beyond the usual; raise Config.sketch_rank (memory per sample: "
                           "(K * sketch_rank)^2 per weight) or use schedule='cached'. (Warned once; every step's "
                           "metadata has sketch_energy.)", stacklevel=3)
 
-    def _result(self, scores, sample_ids, sample_loss, target_loss, clip, lowrank, **metadata) -> StepResult:
+    def _result(self, scores, sample_ids, sample_loss, target_loss, clip, lowrank, lags: bool,
+                **metadata) -> StepResult:
+        """The step's StepResult, its checks read (or, next-step checks, sent on their way: `self._sent`).
+        `lags`: warn if the subspaces kept too little of W (metadata sketch_energy)."""
         cfg = self.config
         energy = metadata.get("sketch_energy", {})  # (0-d tensors: read with the rest)
-        clip, *kept = self._reads.read(clip, *energy.values())  # the step's one host sync: every check's verdict,
-        if energy:                                              # the clip factor and the subspaces' kept energies
-            metadata["sketch_energy"] = dict(zip(energy, kept))
+        if not self._late_checks:  # the step's one host sync: every check's verdict, the clip factor and the
+            clip, *kept = self._reads.read(clip, *energy.values())  # subspaces' kept energies
+            if energy:
+                metadata["sketch_energy"] = dict(zip(energy, kept))
+            if lags:
+                self._warn_if_subspace_lags(metadata["sketch_energy"], self.step_index)
         loss = self._step_loss(sample_loss)
         if self.backend.distributed and self.capture.players.per_position:
             scores, sample_ids, sample_loss = self._merge_documents(scores, sample_ids, sample_loss)
+        if self._late_checks:  # on their way to the host; read at the next step (_settle)
+            self._sent = (self._reads.send(*(energy.values() if lags else ()),
+                                           *((scores, sample_loss, loss, target_loss) if self._storing else ())), lags)
         return StepResult(
             scores=scores, sample_ids=sample_ids,
             loss=loss,
@@ -717,10 +744,22 @@ class Attributor(Stateful):
                       "excluded": self.excluded, "global_batch": total,
                       "versions": {"shardshap": __version__, "torch": torch.__version__}})
 
+    @property
+    def _storing(self) -> bool:
+        return self.store_path is not None and self.backend.mp_rank == 0  # (model-parallel ranks hold the same)
+
     def _write(self, result: StepResult) -> bool:
         """Buffer the step in the store, every check first (before the optimizer steps); True when
-        something was buffered."""
-        if self.store_path is None or self.backend.mp_rank != 0:  # (model-parallel ranks hold the same values)
+        something was buffered. With next-step checks: settle the previous step (raise its failed check, or
+        buffer its row) and leave this one pending."""
+        if self._late_checks:
+            self._settle()
+            self._pending, self._sent = (self.step_index, self._sent, result), None
+            if self._storing and self._writer is None:
+                with record_function("shardshap.store"):
+                    self._open_store(result)  # (at the first step, as before-step checks do: the slots are fixed)
+            return False
+        if not self._storing:
             return False
         with record_function("shardshap.store"):
             if self._writer is None:
@@ -730,6 +769,25 @@ class Attributor(Stateful):
                 lr=result.lr, loss=float(result.loss), target_losses=result.target_loss.cpu().numpy(),
                 wall_time=result.metadata["seconds"])
         return True
+
+    def _settle(self) -> None:
+        """Next-step checks: read the pending step's verdicts (its copy has arrived long since) and buffer its
+        row in the store, or raise its failed check's error (its row is dropped)."""
+        if self._pending is None:
+            return
+        (step, (verdicts, lags), result), self._pending = self._pending, None
+        values = verdicts.result(
+            late=f" (step {step}; checks are read one step late, Config.check_timing='next-step': step {step} "
+                 f"trained, nothing of it is in the store, and step {step + 1}, if any, was not taken)")
+        if lags:
+            energy = result.metadata["sketch_energy"]
+            self._warn_if_subspace_lags(dict(zip(energy, values[:len(energy)])), step)
+        if self._storing:
+            scores, sample_loss, loss, target_loss = values[-4:]
+            with record_function("shardshap.store"):
+                self._writer.write_step(step, result.sample_ids, scores.float(), sample_loss.float(), lr=result.lr,
+                                        loss=float(loss), target_losses=target_loss.numpy(),
+                                        wall_time=result.metadata["seconds"])
 
 
 def _times_multiplier(frozen, attributed, h, shards) -> dict:

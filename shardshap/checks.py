@@ -1,11 +1,13 @@
-"""Checks of a step's input and of its products; each raises AttributionError before the optimizer steps.
+"""Checks of a step's input and of its products; each raises AttributionError before the optimizer steps
+(checks of values with Config.check_timing='next-step': before the next one).
 
 Checks of values (finite losses, products that add up) leave their verdicts on the device in a
-`HostRead`, which reads them all at once before the optimizer steps: one host sync per step, not one
-per check (on a GPU every read stalls the host until the device has caught up)."""
+`HostRead`, which brings them to the host all at once: read before the optimizer steps (one host sync per
+step, not one per check; on a GPU every read stalls the host until the device has caught up), or, with
+Config.check_timing='next-step', read at the next step (no sync: the copy has long arrived by then)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -14,26 +16,46 @@ from .foreach import chunks, dots, on_device
 
 
 class HostRead:
-    """Device values a step reads on the host, and checks whose verdicts are device booleans, read together
-    by `read` (one host sync); a failed check then raises its own error, the first one added first."""
+    """Device values a step reads on the host, and checks whose verdicts are device booleans, brought to the
+    host together (one copy); a failed check then raises its own error, the first one added first.
+
+    `read` waits for them (one host sync, before the step trains); `send` only starts the copy and returns
+    the `Verdicts` in flight, read a step later (Config.check_timing='next-step': no sync)."""
 
     def __init__(self):
-        self._checks: list[tuple[torch.Tensor, Callable[[], None]]] = []
+        self._checks: list[tuple[torch.Tensor, Callable[[], str]]] = []
 
-    def check(self, failed: torch.Tensor, raise_error: Callable[[], None]) -> None:
-        """`failed`: a 0-d bool tensor; `raise_error()` raises the check's error (it may read the device)."""
-        self._checks.append((failed, raise_error))
+    def check(self, failed: torch.Tensor, message: Callable[[], str]) -> None:
+        """`failed`: a 0-d bool tensor; `message()` says what failed (it may read the device)."""
+        self._checks.append((failed, message))
 
-    def read(self, *values) -> list[float]:
-        """Raise the first failed check's error, else return `values` (tensors or numbers) as floats."""
+    def read(self, *values) -> list:
+        """Raise the first failed check's error, else return `values` (tensors or numbers) on the host."""
+        return self._bring(values, wait=True).result()
+
+    def send(self, *values) -> "Verdicts":
+        """Start copying the verdicts and `values` (tensors or numbers) to the host; nothing waits for it."""
+        return self._bring(values, wait=False)
+
+    def _bring(self, values: tuple, wait: bool) -> "Verdicts":
         checks, self._checks = self._checks, []
-        tensors = [t.reshape(1).double() for t in [f for f, _ in checks] + [v for v in values if torch.is_tensor(v)]]
-        read = iter(torch.cat([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])  # one sync
-        verdicts = [next(read) for _ in checks]
-        for (_, raise_error), failed in zip(checks, verdicts):
-            if failed:
-                raise_error()
-        return [next(read) if torch.is_tensor(v) else float(v) for v in values]
+        tensors = [f for f, _ in checks] + [v for v in values if torch.is_tensor(v)]
+        fetch = list
+        if tensors:
+            device = tensors[0].device
+            flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors])
+            if wait:
+                numbers = flat.tolist()  # the one host sync
+                fetch = lambda: numbers
+            elif device.type == "cuda":  # into pinned memory without waiting; the event says when it is there
+                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                host.copy_(flat, non_blocking=True)
+                arrived = torch.cuda.Event()
+                arrived.record()
+                fetch = lambda: (arrived.synchronize(), host.numpy())[1]
+            else:  # (a CPU holds it already: host memory, read without a device read; other devices wait here)
+                fetch = flat.cpu().numpy
+        return Verdicts([m for _, m in checks], values, fetch)
 
     def raise_failed(self) -> None:
         """After another error in the step: raise the first failed check's error instead (its cause, e.g. a NaN
@@ -43,6 +65,32 @@ class HostRead:
 
     def clear(self) -> None:
         self._checks = []
+
+
+class Verdicts:
+    """A step's check verdicts and values, on the host or on their way there (`HostRead.send`)."""
+
+    def __init__(self, messages: list[Callable[[], str]], values: tuple, fetch: Callable[[], Sequence[float]]):
+        self._messages, self._values, self._fetch = messages, values, fetch
+
+    def result(self, late: str = "") -> list:
+        """Wait for the numbers; raise AttributionError for the first failed check (its message, then `late`,
+        or that the step was not taken), else return the values: a float for a number or a 0-d tensor, a
+        host tensor of the same shape otherwise."""
+        numbers = self._fetch()
+        for message, failed in zip(self._messages, numbers):
+            if failed:
+                raise AttributionError(message() + (late or "; the optimizer step was not taken"))
+        out, at = [], len(self._messages)
+        for v in self._values:
+            if not torch.is_tensor(v):
+                out.append(float(v))
+                continue
+            n = v.numel()
+            out.append(float(numbers[at]) if v.dim() == 0
+                       else torch.as_tensor(numbers[at:at + n], dtype=torch.float64).reshape(v.shape).to(v.dtype))
+            at += n
+        return out
 
 
 def check_loss(per_sample, ids: torch.Tensor, j: int, reads: HostRead) -> None:
@@ -70,12 +118,11 @@ def check_loss(per_sample, ids: torch.Tensor, j: int, reads: HostRead) -> None:
     if per_position:
         bad = bad & (ids >= 0).to(bad.device)
 
-    def raise_error():
+    def message():
         where = bad.nonzero().tolist() if per_position else bad.nonzero().flatten().tolist()
         which = "counted (row, position)s" if per_position else "samples at positions"
-        raise AttributionError(f"train_loss is not finite for {which} "
-                               f"{where[:10]} of micro-batch {j}; the optimizer step was not taken")
-    reads.check(bad.any(), raise_error)
+        return f"train_loss is not finite for {which} {where[:10]} of micro-batch {j}"
+    reads.check(bad.any(), message)
 
 
 def check_ids(ids: torch.Tensor, num_samples: int, per_position: bool = False) -> None:
@@ -148,13 +195,12 @@ def check_completeness(backend, plan, per_param: dict[str, torch.Tensor], stacke
     tol = tuple(TOLERANCE.get(precision[n], LOW_PRECISION_TOLERANCE) for n in names)
     rel = ((ghost - exp).abs() / (magnitude + exp.abs() + rounding + 1e-30)).amax(1)
 
-    def raise_error():
+    def message():
         bad = [f"{name} (relative mismatch {r:.2e}, tolerance {t:g} for {str(precision[name]).removeprefix('torch.')})"
                for name, r, t in zip(names, rel.tolist(), tol) if r > t]
-        raise AttributionError(
-            "per-sample products do not add up to the batch gradient for: " + ", ".join(bad) + ". The "
-            "parameter is probably used outside the module that owns it (a functional call such as "
-            "F.linear(x, module.weight)) or broadcast across the batch. Exclude it with Config(exclude=[...]) "
-            "or route its use through its module; the optimizer step was not taken.")
-    reads.check((rel > on_device(tol, rel.dtype, rel.device)).any(), raise_error)
+        return ("per-sample products do not add up to the batch gradient for: " + ", ".join(bad) + ". The "
+                "parameter is probably used outside the module that owns it (a functional call such as "
+                "F.linear(x, module.weight)) or broadcast across the batch. Exclude it with Config(exclude=[...]) "
+                "or route its use through its module")
+    reads.check((rel > on_device(tol, rel.dtype, rel.device)).any(), message)
 

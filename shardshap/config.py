@@ -147,6 +147,15 @@ class Config:
         "Every step, check that the per-sample products of each parameter sum to the product of its "
         "batch gradient. A mismatch means a parameter is used outside the module that owns it (e.g. a "
         "functional call) or broadcast across the batch, and raises instead of returning wrong values.")})
+    check_timing: Optional[str] = field(default=None, metadata={"help": (
+        "When the step's checks of values (finite losses and targets, products that add up) and its values "
+        "for the store reach the host. 'before-step': read before the optimizer steps, so that a failing step "
+        "is refused before it trains; one host sync per step (on a GPU the host waits for the device to catch "
+        "up). 'next-step': copied to the host without waiting and read at the next step (or flush/close): no "
+        "sync; a failing step has trained by then, as the plain step would have, nothing of it is in the store "
+        "and the next step is refused before it trains. StepResult.clip_factor (and sketch_energy) are then "
+        "0-d device tensors. None (the default): 'before-step' on a CPU, where reading costs nothing, "
+        "'next-step' on accelerators.")})
 
     def __post_init__(self) -> None:
         self._apply_preset()
@@ -165,6 +174,7 @@ class Config:
         if self.cold_start is None:
             self.cold_start = "owen" if self.schedule == "cached" else "none"
         _choice("cold_start", self.cold_start, ("owen", "none"))
+        _choice("check_timing", self.check_timing, (None, "before-step", "next-step"))
         _choice("target_sharding", self.target_sharding, ("replicated", "split"))
         _choice("target_mode", self.target_mode, ("eval", "train"))
         _choice("cache_dtype", self.cache_dtype, (None, "bfloat16"))

@@ -64,10 +64,8 @@ def evaluate_targets(target_loss, module, targets, config, reads, device: torch.
             "reduction is probably missing (per-token or per-sample losses instead of one mean per target set). "
             "Return one loss per target, e.g. `loss.mean()` per set stacked into [K]; if you really mean "
             f"{value.numel()} targets, name them with Config(target_names=[...])")
-    def raise_error():
-        raise AttributionError(f"target_loss is not finite ({value.detach().tolist()}); the "
-                               "optimizer step was not taken")
-    reads.check(~torch.isfinite(value.detach()).all(), raise_error)
+    reads.check(~torch.isfinite(value.detach()).all(),
+                lambda: f"target_loss is not finite ({value.detach().tolist()})")
     if config.target_names is not None and len(config.target_names) != value.numel():
         raise AttributionError(f"target_loss returned {value.numel()} targets but "
                                f"Config.target_names names {len(config.target_names)}")

@@ -14,10 +14,12 @@ two depths.
 
     python benchmarks/launches.py                  # 4 and 8 layers, plain / exact / fast / streaming
     python benchmarks/launches.py --layers 8 --configs exact,streaming
+    python benchmarks/launches.py --autocast       # training under bf16 autocast (what preset='fast' is for)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 from collections import Counter
@@ -89,10 +91,15 @@ def workload(layers: int):
     return model, opt, data, targets
 
 
+AUTOCAST = False  # --autocast: the training (and target) forward under torch.autocast(bfloat16)
+
+
 def seq_losses(model, ids):
-    logits = model(input_ids=ids).logits[:, :-1]
-    tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                            reduction="none")
+    # (not autocast(enabled=False), which would turn off the bf16 autocast of Config.target_dtype)
+    with torch.autocast(ids.device.type, torch.bfloat16) if AUTOCAST else contextlib.nullcontext():
+        logits = model(input_ids=ids).logits[:, :-1]
+        tok = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                reduction="none")
     return tok.view(ids.shape[0], -1).mean(1)
 
 
@@ -138,8 +145,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of " + ", ".join(CONFIGS))
+    ap.add_argument("--autocast", action="store_true",
+                    help="train (and take the target losses) under bf16 autocast, as bf16 GPU training does")
     ap.add_argument("--top", type=int, default=0, help="also list the N most frequent ops of each configuration")
     args = ap.parse_args()
+    global AUTOCAST
+    AUTOCAST = args.autocast
     torch.set_num_threads(2)
     names = args.configs.split(",")
     print("| layers | configuration | ops | ratio vs plain | device syncs |")

@@ -73,7 +73,9 @@ class Config:
         "torch.compile: one pass over the parameters instead of about 15. The first step pays the compilation "
         "(seconds; inductor needs a C++ compiler on CPU, Triton on GPU); where it "
         "fails, the eager math runs with a warning. Values equal the eager ones up to float rounding; training "
-        "is unchanged. None (the default): off unless the preset sets it.")})
+        "is unchanged. Where attribution batches its kernels (accelerators: foreach math over all parameters "
+        "in about 17 launches, fewer than one compiled kernel per parameter) it is not used. None (the "
+        "default): off unless the preset sets it.")})
     preset: Optional[str] = field(default=None, metadata={"help": (
         "A named set of field values: 'exact' (the reference), 'fast' (cache_dtype and target_dtype "
         "'bfloat16': products and the target pass on bf16 matrix units; for GPUs from sm80 and CPUs with AMX) "

@@ -237,9 +237,9 @@ def _batches(jobs: list[_Job], per_position: bool, enabled: bool) -> list[list[_
     return out
 
 
-def _batched_products(group: list[_Job]) -> list[dict[str, torch.Tensor]]:
+def _batched_products(group: list[_Job], dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
     """The products of calls with one batch key, as one call under torch.func.vmap over their stacked captures
-    and W: per call {param: [b, K]}."""
+    and W: per call {param: [b, K]} in `dtype` (cast once for the group)."""
     first = group[0]
     Wm = {local: torch.stack([job.Wm[local] for job in group]).to(first.work) for local in first.Wm}
     if first.call.grads is not None:
@@ -251,6 +251,7 @@ def _batched_products(group: list[_Job]) -> list[dict[str, torch.Tensor]]:
         e = torch.stack([job.call.e for job in group]).to(first.work)
         rule, module = first.am.rule, first.am.module  # (a batchable rule reads nothing of the module)
         out = torch.func.vmap(lambda a_, e_, W_: rule.products(module, a_, e_, W_))(a, e, Wm)
+    out = {local: v.to(dtype) for local, v in out.items()}
     return [{local: v[j] for local, v in out.items()} for j in range(len(group))]
 
 
@@ -709,7 +710,7 @@ class Capture:
                     results = [_call_products(first.am, first.call.a, first.call.e, first.call.grads, Wm, first.work,
                                               self.players.micro[first.call.micro])]
                 else:
-                    results = _batched_products(group)
+                    results = _batched_products(group, dtype)
             mp = self.model_parallel
             for job, res in zip(group, results):
                 for local, val in res.items():

@@ -244,7 +244,8 @@ def test_layers_of_one_shape_batched_together_keep_their_own_products(make, K, m
         return out
     calls = []
     real = capture_module._batched_products
-    monkeypatch.setattr(capture_module, "_batched_products", lambda group: calls.append(len(group)) or real(group))
+    monkeypatch.setattr(capture_module, "_batched_products",
+                        lambda group, dtype: calls.append(len(group)) or real(group, dtype))
     batched = products()
     assert calls and max(calls) >= 2, "no layers were batched together"
     monkeypatch.setattr(capture_module, "GROUP_NUMBERS", 0)  # every call on its own

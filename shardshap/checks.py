@@ -43,7 +43,8 @@ class HostRead:
         fetch = list
         if tensors:
             device = tensors[0].device
-            flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors])
+            # (cat promotes to the widest dtype; every float32 value is exact in float64)
+            flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors]).to(torch.float64)
             if wait:
                 numbers = flat.tolist()  # the one host sync
                 fetch = lambda: numbers

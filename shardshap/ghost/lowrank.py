@@ -44,10 +44,10 @@ def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of the columns of Y [K, n, l] from the small Gram matrix (eigh in float64) rather
     than a QR of the tall Y: LAPACK's QR/SVD on tall or batched inputs was 10-100x slower than the GEMMs
     around it on a 2-core CPU. Directions with a negligible eigenvalue (rank deficiency) come out as zeros."""
-    G = Y.transpose(1, 2).double() @ Y.double()
-    lam, V = torch.linalg.eigh(G)
-    keep = lam > lam[:, -1:].clamp_min(1e-300) * 1e-12
-    scale = torch.where(keep, lam.clamp_min(1e-300).rsqrt(), torch.zeros_like(lam))
+    Yd = Y.double()
+    lam, V = torch.linalg.eigh(Yd.transpose(1, 2) @ Yd)
+    # (where Y = 0 every lam is 0 and nothing is kept; rsqrt's inf where lam <= 0 is never selected)
+    scale = torch.where(lam > lam[:, -1:] * 1e-12, lam.rsqrt(), 0.0)
     return Y @ (V * scale.unsqueeze(1)).to(Y.dtype)
 
 
@@ -64,6 +64,16 @@ def factorize(W: torch.Tensor, rank: int, power_iters: int = POWER_ITERS,
     W^T Omega (after `power_iters` rounds of W^T W), and W_r = (W Q) Q^T is the projection of W on them, so
     its kept energy is ||W Q|| / ||W||. `omega`: Omega given (`sketch_matrix`; e.g. under torch.func.vmap,
     which draws no random numbers)."""
+    left, Q = range_finder(W, rank, power_iters, generator, omega)
+    norm = torch.linalg.matrix_norm(W)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    energy = torch.where(norm > 0, torch.linalg.matrix_norm(left) / safe, torch.ones_like(norm))
+    return Factors(left=left, right=Q.transpose(1, 2), energy=energy.clamp(max=1.0))
+
+
+def range_finder(W: torch.Tensor, rank: int, power_iters: int = POWER_ITERS,
+                 generator: Optional[torch.Generator] = None, omega: Optional[torch.Tensor] = None):
+    """(W Q [K, d_out, r], Q [K, d_in, r]) of `factorize`, without the kept energy."""
     K, d_out, d_in = W.shape
     r = min(rank, d_out, d_in)
     if omega is None:
@@ -72,11 +82,7 @@ def factorize(W: torch.Tensor, rank: int, power_iters: int = POWER_ITERS,
     Q = _orthonormal(Wt @ omega)                             # [K, d_in, r]
     for _ in range(power_iters):                             # re-orthonormalise between products (stability)
         Q = _orthonormal(Wt @ _orthonormal(W @ Q))
-    left = W @ Q
-    norm = torch.linalg.matrix_norm(W)
-    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-    energy = torch.where(norm > 0, torch.linalg.matrix_norm(left) / safe, torch.ones_like(norm))
-    return Factors(left=left, right=Q.transpose(1, 2), energy=energy.clamp(max=1.0))
+    return W @ Q, Q
 
 
 def lowrank_products(a: torch.Tensor, e: torch.Tensor, f: Factors, bias: Optional[torch.Tensor] = None):

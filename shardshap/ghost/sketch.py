@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .lowrank import _orthonormal, factorize
+from .lowrank import _orthonormal, range_finder
 
 
 @dataclass
@@ -35,20 +35,19 @@ class Basis:
 def kept_energy(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """min_k ||U^T W_k V|| / ||W_k|| (1 where W_k = 0): how much of W the projection M keeps."""
     norm = torch.linalg.matrix_norm(W)
-    kept = torch.linalg.matrix_norm(M)
-    return torch.where(norm > 0, kept / torch.where(norm > 0, norm, torch.ones_like(norm)),
-                       torch.ones_like(norm)).clamp(max=1.0).min()
+    # (kept / norm is NaN where norm = 0, never selected)
+    return torch.where(norm > 0, torch.linalg.matrix_norm(M) / norm, 1.0).clamp(max=1.0).min()
 
 
 def find_basis(W: torch.Tensor, rank: int, omega: Optional[torch.Tensor] = None) -> Basis:
     """Bases spanning every W_k ([K, m, n]) together, `rank` directions per target and side: each target's
-    rows from a randomized range finder (lowrank.factorize: Q_k spans W_k^T Omega), its columns from W_k Q_k
+    rows from a randomized range finder (lowrank.range_finder: Q_k spans W_k^T Omega), its columns from W_k Q_k
     (aligned with the rows found, better than a second random sketch), side by side over the targets.
-    `omega`: factorize's Omega, given (under torch.func.vmap)."""
+    `omega`: range_finder's Omega, given (under torch.func.vmap)."""
     K, m, n = W.shape
-    f = factorize(W, min(rank, m, n), omega=omega)
-    return Basis(_span(f.left.permute(1, 0, 2).reshape(m, -1), K * rank),  # [m, K r]
-                 _span(f.right.reshape(-1, n).T, K * rank))                # [n, K r]
+    left, Q = range_finder(W, min(rank, m, n), omega=omega)
+    rows = Q[0] if K == 1 and K * rank < n else _span(Q.permute(1, 0, 2).reshape(n, -1), K * rank)  # (one Q is
+    return Basis(_span(left.permute(1, 0, 2).reshape(m, -1), K * rank), rows)  # orthonormal already) [n, K r]
 
 
 def _span(Y: torch.Tensor, width: int) -> torch.Tensor:

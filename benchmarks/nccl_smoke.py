@@ -56,7 +56,9 @@ def run(engine: str, device: torch.device, store: str) -> str:
     clip = None if engine.startswith("zero") else 1.0
     targets = on_device(case.batches(100)[0], device)  # a held-out batch, two targets of 4 sequences
     with shardshap.Attributor(wrapped, opt, case.train_loss, target_loss,
-                              shardshap.Config(max_grad_norm=clip, num_samples=64), store=store) as attr:
+                              # (next-step checks: a GPU's default, so that the CPU mode takes the same path)
+                              shardshap.Config(max_grad_norm=clip, num_samples=64, check_timing="next-step"),
+                              store=store) as attr:
         for s in range(STEPS):
             (ids, mask), sample_ids = case.batches(s)
             micro = [on_device((ids[:4], mask[:4]), device), on_device((ids[4:], mask[4:]), device)]

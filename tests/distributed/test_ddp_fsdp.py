@@ -60,6 +60,16 @@ def test_torchrun_matches_single_process(tmp_path, engine):
     check_training_unchanged(cmd, prefix)
 
 
+def test_next_step_checks_under_fsdp2(tmp_path):
+    """Config.check_timing='next-step' (a GPU's default): the same values, store and training on 2 ranks."""
+    prefix = str(tmp_path / "late")
+    cmd = torchrun("ddp_fsdp.py", "--engine", "fsdp", "--check-timing", "next-step")
+    proc, _ = run(cmd + ["--out", prefix, "--store", prefix + ".zarr"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_against_reference(prefix, store=prefix + ".zarr")
+    check_training_unchanged(cmd, prefix)
+
+
 def check_training_unchanged(cmd, prefix):
     """The same launch without attribution trains bit-identically (parameters of every rank)."""
     proc, _ = run(cmd + ["--out", prefix + "-plain", "--plain"])

@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--schedule", default="cached", help="Config.schedule")
     ap.add_argument("--product-rank", type=int, default=None, help="Config.product_rank")
     ap.add_argument("--stream-predictor", default="subspace", help="Config.stream_predictor")
+    ap.add_argument("--check-timing", default=None, help="Config.check_timing")
     ap.add_argument("--mixed-precision", action="store_true",
                     help="FSDP2 MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)")
     ap.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "fsdp-keep"],
@@ -57,7 +58,8 @@ def main():
                                 shardshap.Config(max_grad_norm=1.0, num_samples=64, cold_steps=args.cold_steps,
                                                  preset=args.preset, schedule=args.schedule,
                                                  product_rank=args.product_rank,
-                                                 stream_predictor=args.stream_predictor),
+                                                 stream_predictor=args.stream_predictor,
+                                                 check_timing=args.check_timing),
                                 store=args.store)
     ids_out, scores_out = [], []
     for step in range(STEPS):

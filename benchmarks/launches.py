@@ -36,6 +36,7 @@ CONFIGS = {
     "exact": dict(check_timing="next-step"),
     "exact + before-step checks": dict(check_timing="before-step"),
     "fast": dict(preset="fast", check_timing="next-step"),
+    "lowrank": dict(preset="lowrank", check_timing="next-step"),
     "streaming": dict(schedule="streaming", check_timing="next-step"),
     "streaming + fast": dict(schedule="streaming", preset="fast", check_timing="next-step"),
 }

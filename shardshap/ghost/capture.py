@@ -13,7 +13,7 @@ from torch.profiler import record_function
 
 from ..errors import BatchShapeError, UnsupportedModule
 from ..foreach import batched
-from .lowrank import MIN_ENERGY, Factors, factorize, sketch_matrix, worth_it
+from .lowrank import MIN_ENERGY, Factors, factorize_all, sketch_matrix, worth_it
 from .parallel import ModelParallel, local_capture
 from .players import MicroPlayers, Players
 from .registry import ProductRule, grads_products, product_rule_for
@@ -732,10 +732,12 @@ class Capture:
                 todo[id(p)] = (am.rule, am.rule.weight_matrix(W[id(p)]))
         info = {"energy": {}, "layer_rank": {}, "exact_layers": []}
         used, r = {}, rank
+        at_once = bool(todo) and batched(next(iter(todo.values()))[1].device)
         while todo:
-            tried = {pid: (rule, factorize(M, r)) for pid, (rule, M) in todo.items()
-                     if worth_it(M.shape[1], M.shape[2], r)}
-            energies = torch.stack([f.energy.min() for _, f in tried.values()]).tolist() if tried else []
+            worth = [pid for pid, (_, M) in todo.items() if worth_it(M.shape[1], M.shape[2], r)]
+            factors = factorize_all([todo[pid][1] for pid in worth], r, at_once)
+            tried = {pid: (todo[pid][0], f) for pid, f in zip(worth, factors)}
+            energies = torch.stack([f.energy for _, f in tried.values()]).amin(1).tolist() if tried else []
             for (pid, (rule, f)), energy in zip(tried.items(), energies):  # one host sync per round
                 info["energy"][names[pid]], info["layer_rank"][names[pid]] = energy, r
                 if energy >= MIN_ENERGY:

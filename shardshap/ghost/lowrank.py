@@ -71,6 +71,32 @@ def factorize(W: torch.Tensor, rank: int, power_iters: int = POWER_ITERS,
     return Factors(left=left, right=Q.transpose(1, 2), energy=energy.clamp(max=1.0))
 
 
+def factorize_all(Ms: list[torch.Tensor], rank: int, at_once: bool) -> list[Factors]:
+    """`factorize(M, rank)` of each M ([K, d_out, d_in]); `at_once` (foreach.batched): the matrices of one
+    shape as one torch.func.vmap'ped call over their stack (each draws the Omega it would draw alone)."""
+    if not at_once:
+        return [factorize(M, rank) for M in Ms]
+    groups: dict = {}
+    for i, M in enumerate(Ms):
+        groups.setdefault((M.shape, M.dtype, M.device), []).append(i)
+    out: list = [None] * len(Ms)
+    for (shape, dtype, device), members in groups.items():
+        if len(members) == 1:
+            out[members[0]] = factorize(Ms[members[0]], rank)
+            continue
+        K, d_out, d_in = shape
+        omega = sketch_matrix(K, d_out, min(rank, d_out, d_in), device, dtype)
+        left, right, energy = torch.func.vmap(
+            lambda M: _fields(factorize(M, rank, omega=omega)))(torch.stack([Ms[i] for i in members]))
+        for j, i in enumerate(members):
+            out[i] = Factors(left[j], right[j], energy[j])
+    return out
+
+
+def _fields(f: Factors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return f.left, f.right, f.energy
+
+
 def range_finder(W: torch.Tensor, rank: int, power_iters: int = POWER_ITERS,
                  generator: Optional[torch.Generator] = None, omega: Optional[torch.Tensor] = None):
     """(W Q [K, d_out, r], Q [K, d_in, r]) of `factorize`, without the kept energy."""

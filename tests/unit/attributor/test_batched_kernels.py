@@ -11,8 +11,8 @@ from shardshap.testing import cases
 
 
 @pytest.mark.parametrize("config", [dict(), dict(schedule="streaming"), dict(order=1, max_grad_norm=None),
-                                    dict(schedule="streaming", stream_predictor="momentum")],
-                         ids=["cached", "streaming", "order1-noclip", "streaming-momentum"])
+                                    dict(schedule="streaming", stream_predictor="momentum"), dict(product_rank=4)],
+                         ids=["cached", "streaming", "order1-noclip", "streaming-momentum", "low-rank"])
 def test_batched_kernels_give_the_per_parameter_values(config, monkeypatch):
     case = cases.tiny_gpt2(batch_size=6, n_targets=2)
     opt = torch.optim.AdamW(case.model.parameters(), lr=1e-2, weight_decay=0.1)

@@ -253,6 +253,8 @@ class Attributor(Stateful):
             self._discard()
             if written:
                 self._writer.retract(self.step_index)
+            if self._pending is not None and self._pending[0] == self.step_index:  # (next-step checks)
+                self._pending = None
             _name_the_culprit(err)
             raise
         self.step_index += 1

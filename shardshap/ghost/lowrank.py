@@ -87,7 +87,7 @@ def factorize_all(Ms: list[torch.Tensor], rank: int, at_once: bool) -> list[Fact
         K, d_out, d_in = shape
         omega = sketch_matrix(K, d_out, min(rank, d_out, d_in), device, dtype)
         left, right, energy = torch.func.vmap(
-            lambda M: _fields(factorize(M, rank, omega=omega)))(torch.stack([Ms[i] for i in members]))
+            lambda M, omega=omega: _fields(factorize(M, rank, omega=omega)))(torch.stack([Ms[i] for i in members]))
         for j, i in enumerate(members):
             out[i] = Factors(left[j], right[j], energy[j])
     return out

@@ -121,3 +121,25 @@ def test_the_step_reads_no_device_value(monkeypatch):
                 patch.setattr(torch.Tensor, "tolist", counted_tolist)
                 attr.step(*case.batches(3), None)
         assert Reads.count == expected, timing
+
+
+def test_a_failed_optimizer_step_leaves_no_pending_row(tmp_path, monkeypatch):
+    """Next-step checks: a step whose optimizer step raises did not train, so its row never reaches the store
+    (the retried step takes its index)."""
+    case = cases.digits_mlp(batch_size=8, dtype=torch.float32)
+    opt = torch.optim.AdamW(case.model.parameters(), lr=1e-2)
+    path = str(tmp_path / "s.zarr")
+    with shardshap.Attributor(case.model, opt, case.train_loss, case.target_loss,
+                              Config(num_samples=N, check_timing="next-step"), store=path) as attr:
+        attr.step(*case.batches(0), None)
+        real = opt.step
+        monkeypatch.setattr(opt, "step", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost")))
+        with pytest.raises(RuntimeError, match="device lost"):
+            attr.step(*case.batches(5), None)
+        monkeypatch.setattr(opt, "step", real)
+        b, ids = case.batches(1)
+        retried = attr.step(b, ids, None)
+    assert retried.step == 1
+    g = zarr.open_group(path, mode="r")
+    np.testing.assert_array_equal(np.sort(np.asarray(g["sample_id"][1])), np.sort(ids.numpy()))
+    assert sorted(open_scores(path).step_log.step.values.tolist()) == [0, 1]

@@ -66,8 +66,7 @@ def factorize(W: torch.Tensor, rank: int, power_iters: int = POWER_ITERS,
     which draws no random numbers)."""
     left, Q = range_finder(W, rank, power_iters, generator, omega)
     norm = torch.linalg.matrix_norm(W)
-    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-    energy = torch.where(norm > 0, torch.linalg.matrix_norm(left) / safe, torch.ones_like(norm))
+    energy = torch.where(norm > 0, torch.linalg.matrix_norm(left) / norm, 1.0)  # (NaN where norm = 0: not taken)
     return Factors(left=left, right=Q.transpose(1, 2), energy=energy.clamp(max=1.0))
 
 

@@ -279,7 +279,7 @@ def _call_sketches(am: AttributedModule, a, e, grads, bases: dict[int, Basis], w
         if basis is None:
             rest.append(local)
         else:
-            U, V = basis.U.to(work), basis.V.to(work)
+            U, V = basis.sides(work)
             out.update(_per_player(mp, lambda a_, e_, U=U, V=V, local=local: {
                 local: am.rule.sketch(am.module, a_, e_, U, V)}, a, e, U.shape[1] * V.shape[1]))
     if rest:
@@ -603,7 +603,10 @@ class Capture:
                 G, K_, m, n = Wg.shape
                 omega = sketch_matrix(K_, m, min(rank, m, n), Wg.device, Wg.dtype)  # (the same for each: as alone)
                 U, V = torch.func.vmap(lambda w, omega=omega: _sides(find_basis(w, rank, omega)))(Wg)
-                bases.update({pid: Basis(U[j], V[j]) for j, (_, pid) in enumerate(group)})
+                low = self.cache_dtype  # (the sketches' dtype then: cast for the whole group at once)
+                cast = (U.to(low), V.to(low)) if low is not None else None
+                bases.update({pid: Basis(U[j], V[j], {low: (cast[0][j], cast[1][j])} if cast else {})
+                              for j, (_, pid) in enumerate(group)})
             if stream.bases.get(first) is None:  # kept per-sample gradients, against W itself
                 against = Wg
                 used.update({pid: (None, Wg[j]) for j, (_, pid) in enumerate(group)})

@@ -9,7 +9,7 @@ are the same). `kept_energy` measures what the projection keeps of the step's W.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -22,6 +22,16 @@ class Basis:
     """Orthonormal columns spanning W's columns (U, [m, p]) and rows (V, [n, q]) for a weight [m, n]."""
     U: torch.Tensor
     V: torch.Tensor
+    cast: dict = field(default_factory=dict, repr=False, compare=False)  # dtype -> (U, V) in it, made once
+
+    def sides(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V) in `dtype` (the sketches' working dtype), cast once: every call of every micro-batch of the
+        step sketches against the same basis."""
+        if self.U.dtype == dtype:
+            return self.U, self.V
+        if dtype not in self.cast:
+            self.cast[dtype] = (self.U.to(dtype), self.V.to(dtype))
+        return self.cast[dtype]
 
     def project(self, W: torch.Tensor) -> torch.Tensor:
         """[K, p, q] = U^T W_k V for W [K, m, n]."""

@@ -142,6 +142,21 @@ def test_streaming_low_rank_and_bf16_stay_close_to_exact_streaming(fields):
         assert any(v.metadata["product_layer_rank"] for v in approx), "some layers must be factorised"
 
 
+@pytest.mark.parametrize("at_once", [False, True], ids=["per-parameter", "batched"])
+def test_bf16_sketches_stay_close_to_exact_sketches(at_once, monkeypatch):
+    """preset='fast' under the subspace predictor: bf16 captures sketched against bases cast once (per group on
+    the batched path), against the float32 sketches."""
+    from shardshap import foreach
+    monkeypatch.setattr(foreach, "BATCH_KERNELS", at_once)
+    case = cases.tiny_gpt2(batch_size=8, n_embd=32, dtype=torch.float32)
+    config = dict(schedule="streaming", max_grad_norm=1.0, cold_steps=0)
+    exact, _, _ = run(case, shardshap.Config(**config), steps=3)
+    approx, _, _ = run(case, shardshap.Config(**config, preset="fast"), steps=3)
+    assert [v.metadata.get("sketch_energy") is not None for v in approx][1:] == [True, True]
+    for a, b in zip(exact[1:], approx[1:]):
+        assert pearson(a.scores[:, 0], b.scores[:, 0]) > 0.99
+
+
 def test_low_level_streaming_needs_the_targets_first():
     case = cases.digits_mlp(batch_size=8)
     opt = torch.optim.AdamW(case.model.parameters(), lr=1e-3)

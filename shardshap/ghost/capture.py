@@ -209,9 +209,11 @@ GROUP_NUMBERS = 1 << 27  # captures stacked into one batched call at most (512 M
 
 def _batch_key(job: _Job, per_position: bool):
     """Calls with the same key run as one batched call; None: on its own."""
-    if any(isinstance(w, Factors) for w in job.Wm.values()):
+    factored = any(isinstance(w, Factors) for w in job.Wm.values())
+    if factored and job.call.grads is not None:
         return None
-    shapes = tuple((local, w.shape, w.dtype) for local, w in job.Wm.items())
+    shapes = tuple((local, w.left.shape, w.right.shape, w.left.dtype) if isinstance(w, Factors)
+                   else (local, w.shape, w.dtype) for local, w in job.Wm.items())
     if job.call.grads is not None:
         return "grads", job.work, shapes, tuple((n, g.shape, g.dtype) for n, g in job.call.grads.items())
     if job.am.rule.batchable and not per_position:
@@ -241,7 +243,10 @@ def _batched_products(group: list[_Job], dtype: torch.dtype) -> list[dict[str, t
     """The products of calls with one batch key, as one call under torch.func.vmap over their stacked captures
     and W: per call {param: [b, K]} in `dtype` (cast once for the group)."""
     first = group[0]
-    Wm = {local: torch.stack([job.Wm[local] for job in group]).to(first.work) for local in first.Wm}
+    factored = {local for local, w in first.Wm.items() if isinstance(w, Factors)}  # (low rank: stacked by side)
+    Wm = {local: tuple(torch.stack([getattr(job.Wm[local], side) for job in group]).to(first.work)
+                       for side in ("left", "right")) if local in factored
+          else torch.stack([job.Wm[local] for job in group]).to(first.work) for local in first.Wm}
     if first.call.grads is not None:
         grads = {n: torch.stack([job.call.grads[n] for job in group]) for n in first.call.grads}
         out = torch.func.vmap(grads_products)(grads, Wm)
@@ -250,7 +255,10 @@ def _batched_products(group: list[_Job], dtype: torch.dtype) -> list[dict[str, t
         a = a.to(first.work) if a.is_floating_point() else a
         e = torch.stack([job.call.e for job in group]).to(first.work)
         rule, module = first.am.rule, first.am.module  # (a batchable rule reads nothing of the module)
-        out = torch.func.vmap(lambda a_, e_, W_: rule.products(module, a_, e_, W_))(a, e, Wm)
+        def products(a_, e_, W_):
+            W_ = {local: Factors(*w, energy=None) if local in factored else w for local, w in W_.items()}
+            return rule.products(module, a_, e_, W_)
+        out = torch.func.vmap(products)(a, e, Wm)
     out = {local: v.to(dtype) for local, v in out.items()}
     return [{local: v[j] for local, v in out.items()} for j in range(len(group))]
 

@@ -573,7 +573,10 @@ class Attributor(Stateful):
                                              clip, dtype)
         owned = _times_multiplier(frozen, attributed, h, shards)
         W = _GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype)
-        if (cfg.product_rank is not None and not sketched) or not backend.partitioned:
+        # Owen's cold steps take exact products: Adam's first updates are sign-like, without the low-rank
+        # structure product_rank relies on (near initialisation a rank-16 LM head kept 0.955 of W: R 0.974)
+        rank = cfg.product_rank if offset is None else None
+        if (rank is not None and not sketched) or not backend.partitioned:
             W = {pid: W[pid] for pid in owned}  # low rank factorises every layer up front: materialise
         with record_function("shardshap.products"):
             if sketched:  # (and the next step's bases, from this step's W)
@@ -581,7 +584,7 @@ class Attributor(Stateful):
                                                           for pid, sh in shards.items()}
                 products, self._bases = self.capture.sketched(W, K, cfg.sketch_rank, grads)
             else:
-                products = self.capture.products(W, dtype, rank=cfg.product_rank, num_targets=K)
+                products = self.capture.products(W, dtype, rank=rank, num_targets=K)
         per_param = products.per_param
         stacked = self._stacked(per_param)
         backend.all_reduce(stacked, over="mp")  # (tensor parallelism: each rank computed its part of the products)

@@ -54,7 +54,8 @@ class Config:
         "A layer whose kept energy ||W_r||/||W|| is below 0.95 retries at rank 2r, 4r, ... while that still "
         "saves work, else uses exact products; layers where rank r saves nothing stay exact. The step "
         "metadata has product_energy, product_layer_rank and product_exact_layers. Embeddings, norms and "
-        "biases stay exact. Training is unchanged; only the values are approximate (docs/benchmarks.md "
+        "biases stay exact, and so do Adam's cold steps under cold_start='owen' (sign-like updates, no "
+        "low-rank structure). Training is unchanged; only the values are approximate (docs/benchmarks.md "
         "has their fidelity against exact products). Not used by schedule='streaming' with "
         "stream_predictor='subspace', whose sketches are low rank already (sketch_rank).")})
     cache_dtype: Optional[str] = field(default=None, metadata={"help": (

@@ -34,7 +34,7 @@ from .foreach import chunks, dots
 from .ghost import Capture, plan
 from .ghost.capture import exact_math
 from .optim.base import scalar
-from .target import evaluate_targets, target_gradients, target_mode
+from .target import evaluate_targets, target_autocast, target_gradients, target_mode
 from .types import Recording, StepResult
 
 _UNSET: Any = object()  # "not given" (None is a valid value for targets)
@@ -181,7 +181,7 @@ class Attributor(Stateful):
         if self.capture.model_parallel is not None:
             _check_model_parallel_config(self.config)
         self._device = next(iter(self.plan.params.values())).device
-        if self.config.cache_dtype is not None or self.config.target_dtype is not None:
+        if self.config.cache_dtype is not None or target_autocast(self.config, self._device):
             warn_if_bf16_is_emulated(self._device)
         self.step_index = 0
         self.store_path, self.overwrite = store, overwrite

@@ -26,7 +26,7 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 # Attributor warns).
 PRESETS: dict[str, dict[str, Any]] = {
     "exact": {"product_rank": None, "cache_dtype": None, "target_dtype": None},
-    "fast": {"product_rank": None, "cache_dtype": "bfloat16", "target_dtype": "bfloat16", "compile_math": True},
+    "fast": {"product_rank": None, "cache_dtype": "bfloat16", "target_dtype": "auto", "compile_math": True},
     "lowrank": {"product_rank": 16, "cache_dtype": None, "target_dtype": None, "compile_math": True},
 }
 
@@ -66,8 +66,12 @@ class Config:
         "(about 3 significant digits per layer and sample), so the completeness check allows 2% per layer. "
         "Training is unchanged.")})
     target_dtype: Optional[str] = field(default=None, metadata={"help": (
-        "None: the target forward/backward runs as the model does. 'bfloat16': it runs under "
-        "torch.autocast(bfloat16) (bf16 matrix units). Only the values change, by bf16 rounding of the target "
+        "None: the target forward/backward runs as the model and target_loss do (an autocast around "
+        "Attributor.step is not applied to it; one inside target_loss is). 'bfloat16': it runs under "
+        "torch.autocast(bfloat16) (bf16 matrix units). 'auto' (preset='fast'): 'bfloat16' on a CPU, None on "
+        "accelerators (where attribution batches its kernels), whose autocast casts (about six kernels per "
+        "matrix layer of an fp32 model) launch more than a target pass of K sequences saves; bf16 training "
+        "autocasts inside its loss functions anyway. Only the values change, by bf16 rounding of the target "
         "gradient; training is unchanged.")})
     compile_math: Optional[bool] = field(default=None, metadata={"help": (
         "True: fuse the per-parameter optimizer math of each step (the Adam/AdamW secant slope, D(0)) with "
@@ -78,8 +82,9 @@ class Config:
         "in about 17 launches, fewer than one compiled kernel per parameter) it is not used. None (the "
         "default): off unless the preset sets it.")})
     preset: Optional[str] = field(default=None, metadata={"help": (
-        "A named set of field values: 'exact' (the reference), 'fast' (cache_dtype and target_dtype "
-        "'bfloat16': products and the target pass on bf16 matrix units; for GPUs from sm80 and CPUs with AMX) "
+        "A named set of field values: 'exact' (the reference), 'fast' (cache_dtype 'bfloat16' and target_dtype "
+        "'auto': products, and on a CPU the target pass, on bf16 matrix units; for GPUs from sm80 and CPUs "
+        "with AMX) "
         "or 'lowrank' (product_rank=16: for CPUs without bf16 units); both also set compile_math. "
         "docs/benchmarks.md has their speed and fidelity. The preset fills the fields it names; giving one of "
         "them a non-default value that differs from the preset's is an error (drop the preset or that field).")})
@@ -181,7 +186,7 @@ class Config:
         _choice("target_sharding", self.target_sharding, ("replicated", "split"))
         _choice("target_mode", self.target_mode, ("eval", "train"))
         _choice("cache_dtype", self.cache_dtype, (None, "bfloat16"))
-        _choice("target_dtype", self.target_dtype, (None, "bfloat16"))
+        _choice("target_dtype", self.target_dtype, (None, "bfloat16", "auto"))
         if not (isinstance(self.cold_steps, int) and self.cold_steps >= 0):
             raise ConfigError(f"Config.cold_steps={self.cold_steps!r} must be a non-negative integer")
         if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))

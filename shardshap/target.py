@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import torch
 
 from .errors import AttributionError
+from .foreach import batched
 
 MAX_UNNAMED_TARGETS = 64  # more losses than this without Config.target_names is taken for a missing reduction
 
@@ -40,13 +41,19 @@ def _checkpointed_without_own_dropout(m: torch.nn.Module) -> bool:
     return not any("dropout" in name and isinstance(value, float) and value > 0 for name, value in vars(m).items())
 
 
+def target_autocast(config, device: torch.device) -> bool:
+    """Whether the target pass runs under bf16 autocast (Config.target_dtype; 'auto': where attribution runs
+    kernel by kernel, a CPU, and not where it batches its kernels against launch costs, foreach.batched)."""
+    return config.target_dtype == "bfloat16" or (config.target_dtype == "auto" and not batched(device))
+
+
 def evaluate_targets(target_loss, module, targets, config, reads, device: torch.device) -> torch.Tensor:
     """target_loss(module, targets) as a [K] tensor, validated (finiteness at `reads.read()`, a
     checks.HostRead); under bf16 autocast with Config.target_dtype.
     (The caller holds `target_mode` around this and the backward: a checkpoint recomputes in the same modes.)"""
     # casts cached by an enclosing autocast (the user's) hold the parameters before the midpoint shift
     torch.clear_autocast_cache()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.target_dtype is not None):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=target_autocast(config, device)):
         value = target_loss(module, targets)
     if not torch.is_tensor(value) or value.dim() > 1 or value.numel() == 0:
         raise AttributionError(

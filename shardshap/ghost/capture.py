@@ -333,8 +333,11 @@ class Capture:
         # dtype of the per-sample gradients that rules with reduce_in_backward take in the hook (None: the
         # capture's own, at least float32)
         self.compute_dtype = compute_dtype
-        # None: keep captures as they come. bf16: matrix rules' captures are cast while they are hot (their
-        # products are GEMMs that bf16 units speed up); norms and embeddings gain nothing and stay as they are
+        # None: keep captures as they come. bf16: matrix rules' captures are cast to it (their products are
+        # GEMMs that bf16 units speed up); norms and embeddings gain nothing and stay as they are. Where layers
+        # are stacked (foreach.batched), the last micro-batch's captures are cast with their stack (one kernel
+        # per group instead of one per capture) and earlier ones when the next micro-batch starts (they are
+        # held across its forward and backward); elsewhere each is cast while it is hot
         self.cache_dtype = cache_dtype
         self.calls: dict[str, list[_Call]] = {am.name: [] for am in plan_.modules}
         self._names = {id(p): n for n, p in plan_.params.items()}
@@ -411,6 +414,7 @@ class Capture:
     def _take(self, am: AttributedModule, micro: int, a: torch.Tensor, e: torch.Tensor, token_split: bool) -> None:
         self._seen[am.name] = _lowest(e.dtype, self._seen.get(am.name, e.dtype))  # (autocast, mixed precision)
         low = self._low_dtype(am)
+        keep = None if batched(e.device) else low  # (stacked: cast with the stack, or at the next micro-batch)
         grads = None
         mp = self.players.micro[micro]
         module = None
@@ -428,8 +432,8 @@ class Capture:
             a = e = None
         stream = self._stream
         if stream is None:
-            self.calls[am.name].append(_Call(micro, None if a is None else _cast(a, low),
-                                             None if e is None else _cast(e, low), grads, token_split, module))
+            self.calls[am.name].append(_Call(micro, None if a is None else _cast(a, keep),
+                                             None if e is None else _cast(e, keep), grads, token_split, module))
             return
         work = stream.dtype if low is None else low
         with record_function(f"shardshap.products.{type(am.rule).__name__}"):
@@ -453,6 +457,8 @@ class Capture:
             self.players.add(sample_ids)
             if self.players.per_position:
                 self._check_tokenwise()
+        if micro > 0:
+            self._cast_kept()
         batch_size = sample_ids.shape[0]
         self._batch_size, self._micro = batch_size, micro
         self._last = (batch_size, micro)
@@ -460,6 +466,15 @@ class Capture:
             yield
         finally:
             self._batch_size = None
+
+    def _cast_kept(self) -> None:
+        """Cast the kept captures not yet in their cache dtype (those of the micro-batches recorded so far)."""
+        for am in self.plan.modules:
+            low = self._low_dtype(am)
+            if low is not None:
+                for call in self.calls[am.name]:
+                    call.a = None if call.a is None else _cast(call.a, low)
+                    call.e = None if call.e is None else _cast(call.e, low)
 
     @contextmanager
     def paused(self):

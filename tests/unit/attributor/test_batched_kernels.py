@@ -36,3 +36,42 @@ def test_batched_kernels_give_the_per_parameter_values(config, monkeypatch):
         assert b.clip_factor == a.clip_factor
     for pb, pa in zip(params_b, params_a):
         assert torch.equal(pb, pa), "training must not depend on how attribution batches its kernels"
+
+
+def test_bf16_cache_is_cast_with_the_stack_and_when_the_next_micro_batch_starts(monkeypatch):
+    """cache_dtype='bfloat16' where layers are stacked: a micro-batch's captures are cast to bf16 once the next
+    micro-batch starts recording (they are held across its forward and backward), the last one's with its
+    stack (one kernel per group, not one per capture); the products take bf16 either way and give the values
+    of the per-parameter path, which casts each capture in the hook."""
+    from contextlib import contextmanager
+
+    from shardshap.ghost.capture import Capture
+    from shardshap.ghost.linear import LinearRule
+    case = cases.tiny_gpt2(batch_size=6, dtype=torch.float32)
+    opt = torch.optim.AdamW(case.model.parameters(), lr=1e-2)
+    (ids, mask), sample_ids = case.batches(0)
+    micro = [(ids[:3], mask[:3]), (ids[3:], mask[3:])], [sample_ids[:3], sample_ids[3:]]
+    taken, kept = [], []
+    products = LinearRule.products
+    monkeypatch.setattr(LinearRule, "products", lambda self, module, a, e, W: (
+        taken.append((a.dtype, e.dtype)), products(self, module, a, e, W))[1])
+    recording = Capture.recording
+
+    @contextmanager
+    def watched(self, ids, j):
+        with recording(self, ids, j):
+            kept.append({x.dtype for am in self.plan.modules if self._low_dtype(am) is not None
+                         for call in self.calls[am.name] for x in (call.a, call.e)})
+            yield
+    monkeypatch.setattr(Capture, "recording", watched)
+    scores = {}
+    for at_once in (True, False):
+        monkeypatch.setattr(foreach, "BATCH_KERNELS", at_once)
+        taken.clear(), kept.clear()
+        model, o = copy.deepcopy((case.model, opt))
+        with shardshap.Attributor(model, o, case.train_loss, case.target_loss,
+                                  shardshap.Config(cache_dtype="bfloat16")) as attr:
+            scores[at_once] = attr.step(*micro, None).scores
+        assert taken and set(taken) == {(torch.bfloat16, torch.bfloat16)}
+        assert kept == [set(), {torch.bfloat16}]  # micro-batch 0's captures, as micro-batch 1 starts
+    assert torch.corrcoef(torch.stack([scores[True].flatten(), scores[False].flatten()]))[0, 1] > 0.9999

@@ -191,6 +191,28 @@ def test_bf16_cache_values_track_exact_and_training_is_unchanged(rank, target):
     assert_same(case.model, opt, ref_model, ref_opt)
 
 
+@pytest.mark.parametrize("at_once", [False, True], ids=["kernel-by-kernel", "batched"])
+def test_auto_target_dtype_autocasts_where_kernels_run_one_by_one(at_once, monkeypatch):
+    """target_dtype='auto' (preset 'fast'): the target pass runs under bf16 autocast where attribution runs
+    kernel by kernel (a CPU), and as target_loss runs it where attribution batches its kernels (accelerators,
+    foreach.BATCH_KERNELS), also inside the user's autocast around step()."""
+    from shardshap import foreach
+    monkeypatch.setattr(foreach, "BATCH_KERNELS", at_once)
+    case = cases.tiny_gpt2(batch_size=4, dtype=torch.float32)
+    opt = torch.optim.AdamW(case.model.parameters(), lr=3e-3)
+    seen = []
+
+    def target_loss(m, t):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return case.target_loss(m, t)
+    with shardshap.Attributor(case.model, opt, case.train_loss, target_loss, shardshap.Config(preset="fast")) as attr:
+        assert attr.config.target_dtype == "auto"
+        attr.step(*case.batches(0), None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attr.step(*case.batches(1), None)
+    assert len(seen) == 2 and all(x == (not at_once) for x in seen)
+
+
 def test_bf16_target_pass_with_hvp_curvature():
     """target_dtype='bfloat16' with curvature='hvp': the double backward runs under the same autocast; the
     values track float32 hvp values on copies of the same state (warm steps; training unchanged)."""
@@ -243,7 +265,7 @@ def test_bf16_cache_warns_where_bf16_is_emulated(monkeypatch):
 def test_presets_resolve_and_validate():
     fast, exact = shardshap.Config(preset="fast"), shardshap.Config(preset="exact")
     lowrank = shardshap.Config(preset="lowrank")
-    assert (fast.product_rank, fast.cache_dtype, fast.target_dtype) == (None, "bfloat16", "bfloat16")
+    assert (fast.product_rank, fast.cache_dtype, fast.target_dtype) == (None, "bfloat16", "auto")
     assert (exact.product_rank, exact.cache_dtype) == (None, None)
     assert (lowrank.product_rank, lowrank.cache_dtype) == (16, None)
     assert (fast.compile_math, lowrank.compile_math, exact.compile_math) == (True, True, False)

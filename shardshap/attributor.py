@@ -63,6 +63,11 @@ def _counted(ids: torch.Tensor) -> torch.Tensor:
     return ids >= 0
 
 
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype of the autocast enclosing this call on `device`, or None."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def _micro_batches(batch, sample_ids):
     """Normalise (batch, ids) or ([b1, b2, ...], [ids1, ids2, ...]) to two lists of micro-batches."""
     def is_id_list(x):
@@ -181,7 +186,7 @@ class Attributor(Stateful):
         if self.capture.model_parallel is not None:
             _check_model_parallel_config(self.config)
         self._device = next(iter(self.plan.params.values())).device
-        if self.config.cache_dtype is not None or target_autocast(self.config, self._device):
+        if self.config.cache_dtype is not None or target_autocast(self.config, self._device) is not None:
             warn_if_bf16_is_emulated(self._device)
         self.step_index = 0
         self.store_path, self.overwrite = store, overwrite
@@ -197,6 +202,7 @@ class Attributor(Stateful):
         self._warned_subspace = False
         self._probed = False  # the first step of step() checked that every module is batch-first
         self._reads = HostRead()  # this step's checks and values, brought to the host at once
+        self._user_autocast: Optional[torch.dtype] = None  # the autocast the user's step runs under, if any
         timing = self.config.check_timing or ("before-step" if self._device.type == "cpu" else "next-step")
         self._late_checks = timing == "next-step"
         # next-step checks: this step's verdicts and store values in flight (and whether to warn of the kept
@@ -417,6 +423,7 @@ class Attributor(Stateful):
 
     # ------------------------------------------------------------------ internals
     def _attribute_recorded(self, targets, grad_norm) -> StepResult:
+        self._user_autocast = _autocast_dtype(self._device)  # (target_dtype='auto' may take it)
         with exact_math(self._device):  # attribution's math runs without the user's autocast
             return self._attribute_or_discard(targets, grad_norm)
 
@@ -481,6 +488,7 @@ class Attributor(Stateful):
         """Before the step's first training forward: under schedule='streaming' (unless the step is a cold
         one that Owen's start takes, cached), fix W and take products in the backward from now on."""
         self._targets = targets
+        self._user_autocast = _autocast_dtype(self._device)
         cfg = self.config
         if cfg.schedule != "streaming":
             return
@@ -532,7 +540,7 @@ class Attributor(Stateful):
                 target_mode(self.module, self.config.target_mode):
             return target_gradients(
                 self.backend, lambda: evaluate_targets(self.target_loss, self.module, targets, self.config, self._reads,
-                                                       self._device),
+                                                       self._device, self._user_autocast),
                 list(self.plan.params.values()), shards, frozen, self.config, self.dtype)
 
     def _clip(self, shards, grad_norm) -> float:

@@ -194,8 +194,8 @@ def test_bf16_cache_values_track_exact_and_training_is_unchanged(rank, target):
 @pytest.mark.parametrize("at_once", [False, True], ids=["kernel-by-kernel", "batched"])
 def test_auto_target_dtype_autocasts_where_kernels_run_one_by_one(at_once, monkeypatch):
     """target_dtype='auto' (preset 'fast'): the target pass runs under bf16 autocast where attribution runs
-    kernel by kernel (a CPU), and as target_loss runs it where attribution batches its kernels (accelerators,
-    foreach.BATCH_KERNELS), also inside the user's autocast around step()."""
+    kernel by kernel (a CPU); where attribution batches its kernels (accelerators, foreach.BATCH_KERNELS) in
+    the training's precision: as target_loss runs it (fp32 here), or under the user's autocast around step()."""
     from shardshap import foreach
     monkeypatch.setattr(foreach, "BATCH_KERNELS", at_once)
     case = cases.tiny_gpt2(batch_size=4, dtype=torch.float32)
@@ -210,7 +210,7 @@ def test_auto_target_dtype_autocasts_where_kernels_run_one_by_one(at_once, monke
         attr.step(*case.batches(0), None)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             attr.step(*case.batches(1), None)
-    assert len(seen) == 2 and all(x == (not at_once) for x in seen)
+    assert seen == [not at_once, True]
 
 
 def test_bf16_target_pass_with_hvp_curvature():

@@ -6,6 +6,7 @@ advances by a plain step (AdamW with clipping). Batch 12 sequences, one target s
 
     python benchmarks/preset_fidelity.py                  # 4 models x 14 steps, presets fast and lowrank (~4 min)
     python benchmarks/preset_fidelity.py --steps 4 --presets fast
+    python benchmarks/preset_fidelity.py --batched        # the accelerator path (stacked layers, foreach math)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import shardshap  # noqa: E402
+import shardshap.foreach  # noqa: E402
 
 MODELS = {  # name: (layers, d_model, vocab, lr)
     "3 x 192, lr 1e-3": (3, 192, 2048, 1e-3),
@@ -77,13 +79,17 @@ def main():
     ap.add_argument("--steps", type=int, default=14,
                     help="steps from initialisation (the first Config.cold_steps = 10 are Adam's cold steps)")
     ap.add_argument("--presets", default="fast,lowrank", help="comma-separated presets to compare with exact")
+    ap.add_argument("--batched", action="store_true",
+                    help="take the accelerator path on this CPU (shardshap.foreach.BATCH_KERNELS: layers stacked, "
+                         "foreach math, and preset 'fast' without the target pass's bf16 autocast)")
     args = ap.parse_args()
+    shardshap.foreach.BATCH_KERNELS = True if args.batched else None
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore", message="bf16 attribution math")  # (emulated bf16: slow, same values)
     presets = args.presets.split(",")
     cold = shardshap.Config().cold_steps
     print(f"torch {torch.__version__}, shardshap {shardshap.__version__}; R against exact at steps 0..{args.steps - 1} "
-          f"(0..{cold - 1} cold: Owen's cold start)")
+          f"(0..{cold - 1} cold: Owen's cold start); {'accelerator' if args.batched else 'CPU'} path")
     print("| model | preset | min R | R per step |")
     print("|---|---|---|---|")
     for seed, (name, spec) in enumerate(MODELS.items()):

@@ -29,6 +29,7 @@ extra at 8, how much of checkpointing's saving on plain streaming keeps, and str
     python benchmarks/memory.py --quick        # micro-batches 1 and 8, T=128: 24 cells, ~20 minutes on 2 CPU cores
     python benchmarks/memory.py                # micro-batches 1, 2, 4, 8, 16, T=256: 60 cells
     python benchmarks/memory.py --device cuda --json runs/memory.json
+    python benchmarks/memory.py --batched --modes cached-fast --micro 1,2 --checkpointing none  # accelerator path
 """
 from __future__ import annotations
 
@@ -156,10 +157,10 @@ def run_cell(mode: str, micro: int, checkpointing: str, T: int, device: torch.de
 
 
 # ----------------------------------------------------------------------------------------- the run (parent)
-def run_in_subprocess(mode, micro, checkpointing, T, device, timeout) -> dict:
+def run_in_subprocess(mode, micro, checkpointing, T, device, timeout, batched=False) -> dict:
     cell = dict(mode=mode, micro=micro, checkpointing=checkpointing)
     cmd = [sys.executable, os.path.abspath(__file__), "--cell", mode, str(micro), checkpointing,
-           "--T", str(T), "--device", device]
+           "--T", str(T), "--device", device] + (["--batched"] if batched else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -269,6 +270,9 @@ def main():
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="also write the raw results to this path")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    ap.add_argument("--batched", action="store_true",
+                    help="attribution on its accelerator path on this CPU (shardshap.foreach.BATCH_KERNELS: layers "
+                         "stacked, bf16 captures cast with their stack)")
     ap.add_argument("--cell", nargs=3, metavar=("MODE", "MICRO", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -278,6 +282,9 @@ def main():
 
     if args.cell:  # child: one cell, one JSON line
         mode, micro, ckpt = args.cell
+        if args.batched:
+            import shardshap.foreach
+            shardshap.foreach.BATCH_KERNELS = True
         print(json.dumps(run_cell(mode, int(micro), ckpt, T, torch.device(args.device))), flush=True)
         return
 
@@ -292,7 +299,7 @@ def main():
         for m in micros:
             for mode in modes:
                 t0 = time.perf_counter()
-                r = run_in_subprocess(mode, m, c, T, args.device, args.timeout)
+                r = run_in_subprocess(mode, m, c, T, args.device, args.timeout, args.batched)
                 results[(mode, m, c)] = r
                 what = short_error(r) if "error" in r else f"peak {r['peak_mib']:.0f} MiB, step {r['seconds']:.2f} s"
                 print(f"  [{c}, {m} micro, {mode}] {what} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,

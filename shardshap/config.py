@@ -64,7 +64,9 @@ class Config:
         "bf16 with float32 accumulation inside each matrix multiplication "
         "(bf16 matrix units: AMX on recent Xeons, tensor cores on GPUs); values carry bf16 rounding "
         "(about 3 significant digits per layer and sample), so the completeness check allows 2% per layer. "
-        "Training is unchanged.")})
+        "The streaming schedule's sketches (stream_predictor='subspace') are thin projections bound by reading "
+        "the captures, which a cast would read once more: they run in the output gradients' own dtype (bf16 "
+        "under bf16 autocast). Training is unchanged.")})
     target_dtype: Optional[str] = field(default=None, metadata={"help": (
         "None: the target forward/backward runs as the model and target_loss do (an autocast around "
         "Attributor.step is not applied to it; one inside target_loss is). 'bfloat16': it runs under "

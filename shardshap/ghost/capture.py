@@ -270,6 +270,7 @@ class _Stream:
                  bases: Optional[dict[int, Basis]] = None):
         self.Wm, self.K, self.dtype = Wm, K, dtype  # Wm: module name -> {local param name: W or Factors}
         self.bases = bases  # sketches: id(param) -> Basis (parameters without one keep per-sample gradients)
+        self.worked: set[torch.dtype] = set()  # dtypes the sketches were taken in (cache_dtype set)
         # micro-batch -> canonical name -> products [b, K], or sketches [b, p, q] / per-sample gradients
         self.out: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -436,6 +437,11 @@ class Capture:
                                              None if e is None else _cast(e, keep), grads, token_split, module))
             return
         work = stream.dtype if low is None else low
+        if stream.bases is not None and low is not None and e is not None:
+            # sketches project onto a few directions: thin GEMMs bound by reading the captures, which a cast
+            # would read once more; they take the output gradient's own dtype (bf16 under autocast)
+            work = e.dtype
+            stream.worked.add(work)
         with record_function(f"shardshap.products.{type(am.rule).__name__}"):
             res = (_call_products(am, a, e, grads, stream.Wm[am.name], work, mp) if stream.bases is None
                    else _call_sketches(am, a, e, grads, stream.bases, work, mp))
@@ -626,9 +632,9 @@ class Capture:
                 G, K_, m, n = Wg.shape
                 omega = sketch_matrix(K_, m, min(rank, m, n), Wg.device, Wg.dtype)  # (the same for each: as alone)
                 U, V = torch.func.vmap(lambda w, omega=omega: _sides(find_basis(w, rank, omega)))(Wg)
-                low = self.cache_dtype  # (the sketches' dtype then: cast for the whole group at once)
-                cast = (U.to(low), V.to(low)) if low is not None else None
-                bases.update({pid: Basis(U[j], V[j], {low: (cast[0][j], cast[1][j])} if cast else {})
+                # (in the dtypes this step's sketches took, likely the next step's: cast for the whole group)
+                cast = {dt: (U.to(dt), V.to(dt)) for dt in stream.worked if dt != U.dtype}
+                bases.update({pid: Basis(U[j], V[j], {dt: (Uc[j], Vc[j]) for dt, (Uc, Vc) in cast.items()})
                               for j, (_, pid) in enumerate(group)})
             if stream.bases.get(first) is None:  # kept per-sample gradients, against W itself
                 against = Wg

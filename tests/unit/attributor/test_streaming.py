@@ -142,19 +142,28 @@ def test_streaming_low_rank_and_bf16_stay_close_to_exact_streaming(fields):
         assert any(v.metadata["product_layer_rank"] for v in approx), "some layers must be factorised"
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
 @pytest.mark.parametrize("at_once", [False, True], ids=["per-parameter", "batched"])
-def test_bf16_sketches_stay_close_to_exact_sketches(at_once, monkeypatch):
-    """preset='fast' under the subspace predictor: bf16 captures sketched against bases cast once (per group on
-    the batched path), against the float32 sketches."""
+def test_fast_sketches_stay_close_to_exact_sketches(at_once, autocast, monkeypatch):
+    """preset='fast' under the subspace predictor. Sketches take the output gradient's dtype: under bf16
+    autocast bf16 captures against bases cast once (per group on the batched path) track the float32
+    sketches; in fp32 training nothing is cast, and on the batched path (whose target pass runs as the model
+    does, target_dtype='auto') the values are the exact ones."""
+    import dataclasses
+
     from shardshap import foreach
     monkeypatch.setattr(foreach, "BATCH_KERNELS", at_once)
     case = cases.tiny_gpt2(batch_size=8, n_embd=32, dtype=torch.float32)
+    if autocast:
+        case = dataclasses.replace(case, train_loss=torch.autocast("cpu", torch.bfloat16)(case.train_loss))
     config = dict(schedule="streaming", max_grad_norm=1.0, cold_steps=0)
     exact, _, _ = run(case, shardshap.Config(**config), steps=3)
     approx, _, _ = run(case, shardshap.Config(**config, preset="fast"), steps=3)
     assert [v.metadata.get("sketch_energy") is not None for v in approx][1:] == [True, True]
     for a, b in zip(exact[1:], approx[1:]):
         assert pearson(a.scores[:, 0], b.scores[:, 0]) > 0.99
+        if at_once and not autocast:
+            torch.testing.assert_close(b.scores, a.scores, rtol=1e-5, atol=1e-6 * float(a.scores.abs().max()))
 
 
 def test_low_level_streaming_needs_the_targets_first():

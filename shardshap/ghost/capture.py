@@ -108,6 +108,18 @@ def _cast(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     return x if dtype is None or not x.is_floating_point() else x.to(dtype)
 
 
+# Captures of at most this many numbers are cast to Config.cache_dtype with their stack where layers are stacked
+# (foreach.batched): one kernel per group of same-shaped layers instead of one per capture. A launch takes about
+# as long as copying 2^20 numbers on a current GPU, so below it the launches are what a cast costs; above it the
+# copy is, and the capture is cast in the hook, which keeps the cache at half its size until the products.
+CAST_LATER_NUMBERS = 1 << 20
+
+
+def _cast_later(x: torch.Tensor) -> bool:
+    """Whether capture `x` is kept in its own dtype until stacked (or until the next micro-batch starts)."""
+    return x.numel() <= CAST_LATER_NUMBERS and batched(x.device)
+
+
 @dataclass
 class _Call:
     micro: int
@@ -335,10 +347,8 @@ class Capture:
         # capture's own, at least float32)
         self.compute_dtype = compute_dtype
         # None: keep captures as they come. bf16: matrix rules' captures are cast to it (their products are
-        # GEMMs that bf16 units speed up); norms and embeddings gain nothing and stay as they are. Where layers
-        # are stacked (foreach.batched), the last micro-batch's captures are cast with their stack (one kernel
-        # per group instead of one per capture) and earlier ones when the next micro-batch starts (they are
-        # held across its forward and backward); elsewhere each is cast while it is hot
+        # GEMMs that bf16 units speed up); norms and embeddings gain nothing and stay as they are. Each is cast
+        # while it is hot, except small ones where layers are stacked (_cast_later)
         self.cache_dtype = cache_dtype
         self.calls: dict[str, list[_Call]] = {am.name: [] for am in plan_.modules}
         self._names = {id(p): n for n, p in plan_.params.items()}
@@ -415,7 +425,6 @@ class Capture:
     def _take(self, am: AttributedModule, micro: int, a: torch.Tensor, e: torch.Tensor, token_split: bool) -> None:
         self._seen[am.name] = _lowest(e.dtype, self._seen.get(am.name, e.dtype))  # (autocast, mixed precision)
         low = self._low_dtype(am)
-        keep = None if batched(e.device) else low  # (stacked: cast with the stack, or at the next micro-batch)
         grads = None
         mp = self.players.micro[micro]
         module = None
@@ -433,8 +442,9 @@ class Capture:
             a = e = None
         stream = self._stream
         if stream is None:
-            self.calls[am.name].append(_Call(micro, None if a is None else _cast(a, keep),
-                                             None if e is None else _cast(e, keep), grads, token_split, module))
+            self.calls[am.name].append(_Call(micro, None if a is None else _cast(a, None if _cast_later(a) else low),
+                                             None if e is None else _cast(e, None if _cast_later(e) else low),
+                                             grads, token_split, module))
             return
         work = stream.dtype if low is None else low
         if stream.bases is not None and low is not None and e is not None:

@@ -38,15 +38,16 @@ def test_batched_kernels_give_the_per_parameter_values(config, monkeypatch):
         assert torch.equal(pb, pa), "training must not depend on how attribution batches its kernels"
 
 
-def test_bf16_cache_is_cast_with_the_stack_and_when_the_next_micro_batch_starts(monkeypatch):
-    """cache_dtype='bfloat16' where layers are stacked: a micro-batch's captures are cast to bf16 once the next
-    micro-batch starts recording (they are held across its forward and backward), the last one's with its
-    stack (one kernel per group, not one per capture); the products take bf16 either way and give the values
-    of the per-parameter path, which casts each capture in the hook."""
-    from contextlib import contextmanager
-
-    from shardshap.ghost.capture import Capture
+@pytest.mark.parametrize("large", [False, True], ids=["small-captures", "large-captures"])
+def test_bf16_cache_is_cast_with_the_stack_and_when_the_next_micro_batch_starts(large, monkeypatch):
+    """cache_dtype='bfloat16' where layers are stacked: small captures are kept as they come and cast with their
+    stack (one kernel per group, not one per capture), or when the next micro-batch starts recording (they are
+    held across its forward and backward); large ones (more than CAST_LATER_NUMBERS numbers) are cast in the
+    hook, as on the per-parameter path. The products take bf16 either way and give the per-parameter values."""
+    from shardshap.ghost import capture
     from shardshap.ghost.linear import LinearRule
+    if large:
+        monkeypatch.setattr(capture, "CAST_LATER_NUMBERS", 0)
     case = cases.tiny_gpt2(batch_size=6, dtype=torch.float32)
     opt = torch.optim.AdamW(case.model.parameters(), lr=1e-2)
     (ids, mask), sample_ids = case.batches(0)
@@ -55,15 +56,17 @@ def test_bf16_cache_is_cast_with_the_stack_and_when_the_next_micro_batch_starts(
     products = LinearRule.products
     monkeypatch.setattr(LinearRule, "products", lambda self, module, a, e, W: (
         taken.append((a.dtype, e.dtype)), products(self, module, a, e, W))[1])
-    recording = Capture.recording
+    cast_kept = capture.Capture._cast_kept
 
-    @contextmanager
-    def watched(self, ids, j):
-        with recording(self, ids, j):
-            kept.append({x.dtype for am in self.plan.modules if self._low_dtype(am) is not None
-                         for call in self.calls[am.name] for x in (call.a, call.e)})
-            yield
-    monkeypatch.setattr(Capture, "recording", watched)
+    def dtypes(cap):
+        return {x.dtype for am in cap.plan.modules if cap._low_dtype(am) is not None
+                for call in cap.calls[am.name] for x in (call.a, call.e)}
+
+    def watched(self):  # micro-batch 0's captures as micro-batch 1 starts: before and after the cast
+        before = dtypes(self)
+        cast_kept(self)
+        kept.append((before, dtypes(self)))
+    monkeypatch.setattr(capture.Capture, "_cast_kept", watched)
     scores = {}
     for at_once in (True, False):
         monkeypatch.setattr(foreach, "BATCH_KERNELS", at_once)
@@ -73,5 +76,6 @@ def test_bf16_cache_is_cast_with_the_stack_and_when_the_next_micro_batch_starts(
                                   shardshap.Config(cache_dtype="bfloat16")) as attr:
             scores[at_once] = attr.step(*micro, None).scores
         assert taken and set(taken) == {(torch.bfloat16, torch.bfloat16)}
-        assert kept == [set(), {torch.bfloat16}]  # micro-batch 0's captures, as micro-batch 1 starts
+        late = at_once and not large
+        assert kept == [({torch.float32} if late else {torch.bfloat16}, {torch.bfloat16})]
     assert torch.corrcoef(torch.stack([scores[True].flatten(), scores[False].flatten()]))[0, 1] > 0.9999

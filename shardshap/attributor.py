@@ -536,11 +536,12 @@ class Attributor(Stateful):
         return _GatheredW(backend, shards, owned, {id(p): p for p in attributed}, K, dtype), target_loss
 
     def _target_pass(self, targets, shards, frozen):
+        autocast = target_autocast(self.config, self._device, self._user_autocast, self.capture.small_tensors())
         with record_function("shardshap.target"), self.capture.paused(), \
                 target_mode(self.module, self.config.target_mode):
             return target_gradients(
                 self.backend, lambda: evaluate_targets(self.target_loss, self.module, targets, self.config, self._reads,
-                                                       self._device, self._user_autocast),
+                                                       self._device, autocast),
                 list(self.plan.params.values()), shards, frozen, self.config, self.dtype)
 
     def _clip(self, shards, grad_norm) -> float:

@@ -70,11 +70,12 @@ class Config:
     target_dtype: Optional[str] = field(default=None, metadata={"help": (
         "None: the target forward/backward runs as the model and target_loss do (an autocast around "
         "Attributor.step is not applied to it; one inside target_loss is). 'bfloat16': it runs under "
-        "torch.autocast(bfloat16) (bf16 matrix units). 'auto' (preset='fast'): 'bfloat16' on a CPU; on "
-        "accelerators (where attribution batches its kernels) the training's precision: the autocast around "
-        "Attributor.step / attribute if there is one, else as the model and target_loss run (in fp32 training "
-        "autocast's casts, about six kernels per matrix layer, launch more than a target pass of K sequences "
-        "saves). Only the values change, by bf16 rounding of the target gradient; training is unchanged.")})
+        "torch.autocast(bfloat16) (bf16 matrix units). 'auto' (preset='fast'): 'bfloat16' on a CPU. On "
+        "accelerators (where attribution batches its kernels) it is the autocast around Attributor.step / "
+        "attribute if there is one. Without one it is 'bfloat16' when the step's captures are large, and none "
+        "when every capture has at most 2^20 numbers. There, autocast's casts (about six kernels per matrix "
+        "layer) cost launches more than copies. Only the values change, by bf16 rounding of the target "
+        "gradient; training is unchanged.")})
     compile_math: Optional[bool] = field(default=None, metadata={"help": (
         "True: fuse the per-parameter optimizer math of each step (the Adam/AdamW secant slope, D(0)) with "
         "torch.compile: one pass over the parameters instead of about 15. The first step pays the compilation "

@@ -42,23 +42,26 @@ def _checkpointed_without_own_dropout(m: torch.nn.Module) -> bool:
     return not any("dropout" in name and isinstance(value, float) and value > 0 for name, value in vars(m).items())
 
 
-def target_autocast(config, device: torch.device, outer: Optional[torch.dtype] = None) -> Optional[torch.dtype]:
+def target_autocast(config, device: torch.device, outer: Optional[torch.dtype] = None,
+                    small: bool = True) -> Optional[torch.dtype]:
     """The dtype the target pass autocasts to, or None (Config.target_dtype). 'auto': bf16 where attribution
-    runs kernel by kernel (a CPU); where it batches its kernels against launch costs (foreach.batched), `outer`:
-    the autocast the user's step runs under (None: none)."""
+    runs kernel by kernel (a CPU). Where it batches its kernels against launch costs (foreach.batched): `outer`,
+    the autocast the user's step runs under; without one, none while the step's tensors are `small` (autocast's
+    casts would cost launches) and bf16 when they are not (the casts cost copies, which bf16 GEMMs repay)."""
     if config.target_dtype == "bfloat16" or (config.target_dtype == "auto" and not batched(device)):
         return torch.bfloat16
-    return outer if config.target_dtype == "auto" else None
+    if config.target_dtype != "auto":
+        return None
+    return outer if outer is not None else (None if small else torch.bfloat16)
 
 
 def evaluate_targets(target_loss, module, targets, config, reads, device: torch.device,
-                     outer_autocast: Optional[torch.dtype] = None) -> torch.Tensor:
+                     autocast: Optional[torch.dtype] = None) -> torch.Tensor:
     """target_loss(module, targets) as a [K] tensor, validated (finiteness at `reads.read()`, a
-    checks.HostRead); under bf16 autocast with Config.target_dtype.
+    checks.HostRead); under `autocast` (target_autocast) if given.
     (The caller holds `target_mode` around this and the backward: a checkpoint recomputes in the same modes.)"""
     # casts cached by an enclosing autocast (the user's) hold the parameters before the midpoint shift
     torch.clear_autocast_cache()
-    autocast = target_autocast(config, device, outer_autocast)
     with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         value = target_loss(module, targets)
     if not torch.is_tensor(value) or value.dim() > 1 or value.numel() == 0:

@@ -367,6 +367,7 @@ class Capture:
         self._seen: dict[str, torch.dtype] = {}  # module name -> lowest dtype of its output gradients this step
         self._probe: Optional[list] = None  # while probing: [(module name, tapped output)] of the forward
         self.tapped = 0  # module calls tapped this step (none: the hooks did not run, e.g. a stale compiled graph)
+        self._largest = self._largest_before = 0  # most numbers in one capture, this step and the last one
         self.model_parallel: Optional[ModelParallel] = None  # tensor parallelism (set by the Attributor)
         self._handles = []
         for am in plan_.modules:
@@ -424,6 +425,7 @@ class Capture:
 
     def _take(self, am: AttributedModule, micro: int, a: torch.Tensor, e: torch.Tensor, token_split: bool) -> None:
         self._seen[am.name] = _lowest(e.dtype, self._seen.get(am.name, e.dtype))  # (autocast, mixed precision)
+        self._largest = max(self._largest, a.numel(), e.numel())
         low = self._low_dtype(am)
         grads = None
         mp = self.players.micro[micro]
@@ -556,7 +558,13 @@ class Capture:
                 f"cannot (their per-sample gradient is not a sum over tokens): {', '.join(bad)}. Exclude them "
                 "with Config(exclude=[...]) or pass one id per sample.")
 
+    def small_tensors(self) -> bool:
+        """Whether every capture of this step (before it records, the last step) has at most CAST_LATER_NUMBERS
+        numbers: casts of tensors this size cost their launches more than their copies."""
+        return (self._largest or self._largest_before) <= CAST_LATER_NUMBERS
+
     def clear(self) -> None:
+        self._largest_before, self._largest = self._largest or self._largest_before, 0
         self.players = Players()
         self.tapped = 0
         self._seen.clear()

@@ -191,13 +191,18 @@ def test_bf16_cache_values_track_exact_and_training_is_unchanged(rank, target):
     assert_same(case.model, opt, ref_model, ref_opt)
 
 
-@pytest.mark.parametrize("at_once", [False, True], ids=["kernel-by-kernel", "batched"])
-def test_auto_target_dtype_autocasts_where_kernels_run_one_by_one(at_once, monkeypatch):
+@pytest.mark.parametrize("at_once,large", [(False, False), (True, False), (True, True)],
+                         ids=["kernel-by-kernel", "batched", "batched-large"])
+def test_auto_target_dtype_autocasts_where_casts_pay(at_once, large, monkeypatch):
     """target_dtype='auto' (preset 'fast'): the target pass runs under bf16 autocast where attribution runs
-    kernel by kernel (a CPU); where attribution batches its kernels (accelerators, foreach.BATCH_KERNELS) in
-    the training's precision: as target_loss runs it (fp32 here), or under the user's autocast around step()."""
+    kernel by kernel (a CPU). Where attribution batches its kernels (accelerators, foreach.BATCH_KERNELS) it takes
+    the user's autocast around step(); without one, none while the captures are small (casts would cost
+    launches), bf16 when they are larger than CAST_LATER_NUMBERS."""
     from shardshap import foreach
+    from shardshap.ghost import capture
     monkeypatch.setattr(foreach, "BATCH_KERNELS", at_once)
+    if large:
+        monkeypatch.setattr(capture, "CAST_LATER_NUMBERS", 0)
     case = cases.tiny_gpt2(batch_size=4, dtype=torch.float32)
     opt = torch.optim.AdamW(case.model.parameters(), lr=3e-3)
     seen = []
@@ -210,7 +215,7 @@ def test_auto_target_dtype_autocasts_where_kernels_run_one_by_one(at_once, monke
         attr.step(*case.batches(0), None)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             attr.step(*case.batches(1), None)
-    assert seen == [not at_once, True]
+    assert seen == [not at_once or large, True]
 
 
 def test_bf16_target_pass_with_hvp_curvature():

@@ -488,7 +488,7 @@ class Attributor(Stateful):
         """Before the step's first training forward: under schedule='streaming' (unless the step is a cold
         one that Owen's start takes, cached), fix W and take products in the backward from now on."""
         self._targets = targets
-        self._user_autocast = _autocast_dtype(self._device)
+        self._user_autocast = _autocast_dtype(self._device)  # (a streaming predictor's target pass runs here)
         cfg = self.config
         if cfg.schedule != "streaming":
             return

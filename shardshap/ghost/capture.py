@@ -104,8 +104,8 @@ def plan(model: nn.Module, exclude: list[str], trainable: Optional[set[int]] = N
     return Plan(modules=modules, params=params, excluded=sorted(excluded_names))
 
 
-def _cast(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    return x if dtype is None or not x.is_floating_point() else x.to(dtype)
+def _cast(x: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    return x if dtype is None or x is None or not x.is_floating_point() else x.to(dtype)
 
 
 # Captures of at most this many numbers are cast to Config.cache_dtype with their stack where layers are stacked
@@ -115,9 +115,11 @@ def _cast(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
 CAST_LATER_NUMBERS = 1 << 20
 
 
-def _cast_later(x: torch.Tensor) -> bool:
-    """Whether capture `x` is kept in its own dtype until stacked (or until the next micro-batch starts)."""
-    return x.numel() <= CAST_LATER_NUMBERS and batched(x.device)
+def _kept(x: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """Capture `x` as the cache keeps it: cast to `dtype` now, or in its own dtype until stacked (or until the
+    next micro-batch starts) if it is small and layers are stacked."""
+    later = x is not None and x.numel() <= CAST_LATER_NUMBERS and batched(x.device)
+    return x if later else _cast(x, dtype)
 
 
 @dataclass
@@ -348,7 +350,7 @@ class Capture:
         self.compute_dtype = compute_dtype
         # None: keep captures as they come. bf16: matrix rules' captures are cast to it (their products are
         # GEMMs that bf16 units speed up); norms and embeddings gain nothing and stay as they are. Each is cast
-        # while it is hot, except small ones where layers are stacked (_cast_later)
+        # while it is hot, except small ones where layers are stacked (_kept)
         self.cache_dtype = cache_dtype
         self.calls: dict[str, list[_Call]] = {am.name: [] for am in plan_.modules}
         self._names = {id(p): n for n, p in plan_.params.items()}
@@ -444,9 +446,7 @@ class Capture:
             a = e = None
         stream = self._stream
         if stream is None:
-            self.calls[am.name].append(_Call(micro, None if a is None else _cast(a, None if _cast_later(a) else low),
-                                             None if e is None else _cast(e, None if _cast_later(e) else low),
-                                             grads, token_split, module))
+            self.calls[am.name].append(_Call(micro, _kept(a, low), _kept(e, low), grads, token_split, module))
             return
         work = stream.dtype if low is None else low
         if stream.bases is not None and low is not None and e is not None:
@@ -491,8 +491,7 @@ class Capture:
             low = self._low_dtype(am)
             if low is not None:
                 for call in self.calls[am.name]:
-                    call.a = None if call.a is None else _cast(call.a, low)
-                    call.e = None if call.e is None else _cast(call.e, low)
+                    call.a, call.e = _cast(call.a, low), _cast(call.e, low)
 
     @contextmanager
     def paused(self):
